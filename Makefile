@@ -1,0 +1,42 @@
+# diffcurate — the README's two commands are `make demo` and `make test`; both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DC     := $(VENV)/bin/diffcurate
+STAMP  := $(VENV)/.diffcurate-installed
+DEMO_CORPUS ?= workspace/demo-corpus
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo lint format clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes. torch/torchvision are pinned to the
+# builds that lie on local disk, installed before the project so pip never fetches another build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(DC) demo-corpus $(DEMO_CORPUS) --format webdataset
+	$(DC) ingest $(DEMO_CORPUS)/shards --dataset digits
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+clean:
+	rm -rf workspace .pytest_cache .ruff_cache

@@ -1,0 +1,282 @@
+"""The ``diffcurate`` command line.
+
+Heavy imports (torch, prefect, lancedb) happen inside commands, after the workspace is known,
+so ``--help`` is instant and ``PREFECT_HOME`` points into the workspace before Prefect loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from diffcurate.config import Settings, load_settings
+
+app = typer.Typer(
+    name="diffcurate",
+    help=(
+        "Data curation for diffusion-model training sets: ingest image–caption corpora into "
+        "LanceDB, score memorization risk, audit, and gate releases.\n\n"
+        "Settings come from --workspace, DIFFCURATE_* environment variables "
+        "(e.g. DIFFCURATE_CLIP__CHECKPOINT=/models/clip.pt) and ./diffcurate.toml."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
+        show_default=False,
+    ),
+]
+
+
+def _settings(workspace: Path | None) -> Settings:
+    try:
+        settings = load_settings(workspace)
+    except (ValidationError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] invalid configuration:\n{e}")
+        raise typer.Exit(2) from e
+    settings.workspace.mkdir(parents=True, exist_ok=True)
+    # Prefect's ephemeral mode keeps its state in PREFECT_HOME: keep it inside the workspace.
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral server's telemetry writer races the API for the SQLite lock.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return settings
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    source: Annotated[
+        Path, typer.Argument(help="Image folder, parquet/CSV manifest, or .tar shard(s).")
+    ],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")],
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="auto | folder | manifest | webdataset.")
+    ] = "auto",
+    image_column: Annotated[
+        str | None, typer.Option(help="Manifest column with image bytes or paths.")
+    ] = None,
+    caption_column: Annotated[str | None, typer.Option(help="Manifest caption column.")] = None,
+    key_column: Annotated[
+        str | None, typer.Option(help="Manifest column with sample keys.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Rows per shard (unit of commit and resume).")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Ingest a corpus: decode, validate, hash, dedup, embed (if CLIP weights are configured).
+
+    Re-running on the same source adds nothing; re-running after a crash completes it. Bad rows
+    go to the `quarantine` table with a reason. Exits non-zero only when nothing could be
+    ingested.
+    """
+    from diffcurate.ingest.sources import SourceError, SourceFormat
+
+    settings = _settings(workspace)
+    try:
+        fmt = SourceFormat(format)
+    except ValueError:
+        raise _fail(
+            f"unknown --format {format!r}; use one of {[f.value for f in SourceFormat]}"
+        ) from None
+    ingest_cfg = settings.ingest
+    if batch_size is not None:
+        ingest_cfg = ingest_cfg.model_copy(update={"batch_size": batch_size})
+    from diffcurate.flows.ingest import IngestParams, ingest_flow
+
+    try:
+        params = IngestParams(
+            source=source,
+            dataset=dataset,
+            workspace=settings.workspace,
+            format=fmt,
+            image_column=image_column,
+            caption_column=caption_column,
+            key_column=key_column,
+            clip=settings.clip,
+            ingest=ingest_cfg,
+        )
+    except ValidationError as e:
+        raise _fail(str(e)) from e
+    if not settings.clip.enabled:
+        err.print(
+            "[yellow]note:[/yellow] CLIP embeddings disabled (no clip.checkpoint configured); "
+            "ingesting without embeddings."
+        )
+    try:
+        summary = ingest_flow(params)
+    except (SourceError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    _print_ingest_summary(summary)
+    if summary.nothing_ingested:
+        raise _fail("nothing could be ingested from this source", code=1)
+
+
+def _print_ingest_summary(summary) -> None:
+    t = Table(title=f"ingest {summary.run_id}", show_header=False)
+    t.add_row("dataset", summary.dataset)
+    t.add_row("source", f"{summary.source} ({summary.format})")
+    t.add_row("records seen", str(summary.seen))
+    t.add_row("ingested (new)", str(summary.ingested))
+    t.add_row("already present", str(summary.already_present))
+    t.add_row("quarantined", str(summary.quarantined))
+    for reason, n in summary.quarantined_by_reason.items():
+        t.add_row(f"  {reason}", str(n))
+    d = summary.duplicates
+    t.add_row(
+        "exact duplicate groups",
+        f"{d.get('exact_groups', 0)} groups, {d.get('exact_rows', 0)} samples",
+    )
+    t.add_row(
+        "near duplicate groups",
+        f"{d.get('near_groups', 0)} groups, {d.get('near_rows', 0)} samples",
+    )
+    t.add_row("embeddings", summary.embeddings)
+    t.add_row("samples in dataset", str(summary.dataset_samples))
+    t.add_row("time", f"{summary.seconds:.1f} s")
+    out.print(t)
+
+
+@app.command("demo-corpus")
+def demo_corpus(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the corpus into.")],
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="folder | manifest | webdataset.")
+    ] = "webdataset",
+    n_duplicated: Annotated[int, typer.Option(help="Images planted as duplicates.")] = 10,
+    copies: Annotated[int, typer.Option(help="Total copies of each planted image.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed choosing the planted images.")] = 0,
+) -> None:
+    """Write the bundled demo corpus (scikit-learn digits with planted duplicates)."""
+    from diffcurate.demo.corpus import CorpusFormat, build_demo_corpus
+
+    try:
+        fmt = CorpusFormat(format)
+    except ValueError:
+        raise _fail(
+            f"unknown --format {format!r}; use one of {[f.value for f in CorpusFormat]}"
+        ) from None
+    corpus = build_demo_corpus(out_dir, fmt, n_duplicated=n_duplicated, copies=copies, seed=seed)
+    out.print(
+        f"wrote {corpus.n_samples} samples ({corpus.format.value}) to {corpus.path}; "
+        f"{len(corpus.planted_keys)} images planted x{copies} (see {out_dir / 'planted.json'})"
+    )
+
+
+@app.command()
+def runs(
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (ingest, score, ...).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """List runs recorded in the ledger, newest first."""
+    from diffcurate.storage.ledger import Ledger
+
+    settings = _settings(workspace)
+    rows = Ledger(settings.ledger_path).runs(kind=kind, dataset=dataset)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    t = Table(
+        "run_id", "kind", "dataset", "status", "started", "seconds", "ingested", "quarantined"
+    )
+    for r in rows:
+        s = r["stats"]
+        t.add_row(
+            r["run_id"],
+            r["kind"],
+            r["dataset"] or "",
+            r["status"],
+            f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            str(s.get("ingested", "")),
+            str(s.get("quarantined", "")),
+        )
+    out.print(t)
+
+
+@app.command()
+def quarantine(
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Show quarantined rows with their reasons (counts per reason first)."""
+    from collections import Counter
+
+    from diffcurate.storage.lance_store import LanceStore
+
+    settings = _settings(workspace)
+    store = LanceStore(settings.lancedb_uri)
+    table = store.read(
+        "quarantine", dataset=dataset, columns=["dataset", "key", "source", "reason", "detail"]
+    ).to_pylist()
+    if reason is not None:
+        table = [r for r in table if r["reason"] == reason]
+    counts = Counter(r["reason"] for r in table)
+    out.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "quarantine is empty")
+    t = Table("dataset", "key", "reason", "detail", "source")
+    for r in table[:limit]:
+        t.add_row(r["dataset"], r["key"], r["reason"], r["detail"], r["source"])
+    if table:
+        out.print(t)
+
+
+@app.command()
+def datasets(workspace: WorkspaceOpt = None) -> None:
+    """Datasets in the workspace with sample, quarantine and duplicate counts."""
+    from collections import Counter
+
+    from diffcurate.storage.lance_store import LanceStore
+
+    settings = _settings(workspace)
+    store = LanceStore(settings.lancedb_uri)
+    samples = Counter(store.read("samples", columns=["dataset"]).column("dataset").to_pylist())
+    quarantined = Counter(
+        store.read("quarantine", columns=["dataset"]).column("dataset").to_pylist()
+    )
+    dups = store.read("duplicates", columns=["dataset", "exact_group_size"]).to_pylist()
+    in_dup = Counter(r["dataset"] for r in dups if r["exact_group_size"] > 1)
+    t = Table("dataset", "samples", "quarantined", "in exact-duplicate groups")
+    for name in sorted(set(samples) | set(quarantined)):
+        t.add_row(name, str(samples[name]), str(quarantined[name]), str(in_dup[name]))
+    out.print(t)
+
+
+@app.command()
+def config(workspace: WorkspaceOpt = None) -> None:
+    """Print the effective configuration (after environment and diffcurate.toml)."""
+    settings = _settings(workspace)
+    out.print_json(settings.model_dump_json())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

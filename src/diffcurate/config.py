@@ -1,0 +1,146 @@
+"""Workspace and policy configuration.
+
+Settings come from, highest priority first: explicit arguments (the CLI's ``--workspace``),
+environment variables ``DIFFCURATE_*`` (nested with ``__``, e.g. ``DIFFCURATE_CLIP__CHECKPOINT``),
+a TOML file (``./diffcurate.toml``, or the path in ``DIFFCURATE_CONFIG``), then defaults.
+
+Everything a run writes lives under one workspace directory so that a workspace can be copied,
+archived or deleted as a unit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "DIFFCURATE_CONFIG"
+DEFAULT_CONFIG_FILE = "diffcurate.toml"
+
+
+class ClipSettings(BaseModel):
+    """open_clip embedding model, loaded only from local files.
+
+    No weights are downloaded at run time. With ``checkpoint`` unset, embeddings are disabled and
+    every command says so: we never pass off randomly initialised weights as CLIP.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("ViT-B-32", description="open_clip architecture name.")
+    checkpoint: Path | None = Field(
+        None, description="Local open_clip checkpoint file (state dict). Unset: no embeddings."
+    )
+    architecture_file: Path | None = Field(
+        None,
+        description=(
+            "Optional JSON architecture config for a model open_clip does not know; the model "
+            "name must equal the file's stem."
+        ),
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=1, le=4096)
+
+    @property
+    def enabled(self) -> bool:
+        return self.checkpoint is not None
+
+
+class IngestSettings(BaseModel):
+    """Validation bounds and dedup thresholds for ingestion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(256, ge=1, le=100_000, description="Rows per resumable shard.")
+    min_side: int = Field(8, ge=1, description="Smallest accepted image width/height (px).")
+    max_side: int = Field(16_384, ge=1, description="Largest accepted image width/height (px).")
+    max_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description=(
+            "Decompression-bomb guard: images whose header declares more pixels are refused "
+            "before any pixel is decoded."
+        ),
+    )
+    max_caption_chars: int = Field(10_000, ge=1)
+    phash_max_distance: int = Field(
+        4, ge=0, le=32, description="Hamming distance (of 64 bits) for perceptual near-duplicates."
+    )
+    clip_dup_threshold: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="CLIP image cosine at or above which images are near-dups.",
+    )
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> IngestSettings:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        return self
+
+
+class Settings(BaseSettings):
+    """All diffcurate settings. Construct with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DIFFCURATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    workspace: Path = Field(Path("workspace"), description="Directory holding all run state.")
+    clip: ClipSettings = Field(default_factory=ClipSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get(CONFIG_ENV_VAR, DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        elif CONFIG_ENV_VAR in os.environ:
+            raise FileNotFoundError(f"{CONFIG_ENV_VAR} points to {toml_path}, which does not exist")
+        return tuple(sources)
+
+    # Workspace layout -------------------------------------------------------------------
+    @property
+    def lancedb_uri(self) -> str:
+        return str(self.workspace / "lancedb")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.workspace / "ledger.duckdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.workspace / "models"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.workspace / "artifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.workspace / ".prefect"
+
+
+def load_settings(workspace: Path | None = None) -> Settings:
+    """Load settings from arguments, environment and TOML; ``workspace`` overrides all."""
+    overrides = {} if workspace is None else {"workspace": workspace}
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Prefect flows: numbered steps composed from tasks, with pydantic parameters."""

@@ -1,0 +1,203 @@
+"""The ingest flow: source → decode + validate → embed → LanceDB, with a ledger record.
+
+Steps:
+    1. Open the source (refused as a whole only if nothing in it is readable).
+    2. Record the run in the ledger; mark earlier runs whose process died as interrupted.
+    3. Load the CLIP embedder from local files, or say clearly that embeddings are disabled.
+    4. For each shard of ``batch_size`` records: prepare (decode, validate, embed) and commit.
+       Commits are idempotent merges, so a killed run re-run completes with no duplicates.
+    5. Recompute the dataset's duplicate groups.
+    6. Close the run in the ledger with its statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from diffcurate.config import ClipSettings, IngestSettings
+from diffcurate.ingest.sources import SourceFormat, open_source
+from diffcurate.models.clip_embedder import ClipEmbedder
+from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.validation import SampleBatchValidator
+from diffcurate.tasks.ingest import dedup, prepare_shard_task, write_shard
+
+T = TypeVar("T")
+
+
+class IngestParams(BaseModel):
+    """Parameters of one ingest run (everything a deployment needs; JSON-serialisable)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Path = Field(description="Folder, manifest file, or tar shard(s) to ingest.")
+    dataset: str = Field(description="Dataset name; part of every sample id.")
+    workspace: Path = Field(Path("workspace"), description="Workspace directory.")
+    format: SourceFormat = SourceFormat.AUTO
+    image_column: str | None = None
+    caption_column: str | None = None
+    key_column: str | None = None
+    clip: ClipSettings = Field(default_factory=ClipSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    progress: bool = Field(True, description="Show a progress bar when stderr is a terminal.")
+
+
+class IngestSummary(BaseModel):
+    """What an ingest run did; also stored as the run's ``stats`` in the ledger."""
+
+    run_id: str
+    dataset: str
+    source: str
+    format: str
+    seen: int = 0
+    ingested: int = 0
+    already_present: int = 0
+    quarantined: int = 0
+    quarantine_new: int = 0
+    quarantined_by_reason: dict[str, int] = Field(default_factory=dict)
+    embeddings: str = "disabled"
+    duplicates: dict[str, int] = Field(default_factory=dict)
+    dataset_samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def nothing_ingested(self) -> bool:
+        """True when the source yielded no usable sample at all (new or already stored)."""
+        return self.ingested + self.already_present == 0
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=not (enabled and sys.stderr.isatty()),
+        transient=False,
+    )
+
+
+@flow(name="ingest", validate_parameters=True)
+def ingest_flow(params: IngestParams) -> IngestSummary:
+    """Ingest an image–caption source into the workspace's ``samples`` table."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    dataset = validate_dataset_name(params.dataset)
+    # 1. Open the source.
+    source = open_source(
+        params.source,
+        params.format,
+        image_column=params.image_column,
+        caption_column=params.caption_column,
+        key_column=params.key_column,
+    )
+    store = LanceStore(str(params.workspace / "lancedb"))
+    ledger = Ledger(params.workspace / "ledger.duckdb")
+    # 2. Ledger.
+    for stale in ledger.mark_interrupted():
+        log.warning("run %s died before finishing; marked interrupted", stale)
+    run_id = ledger.start_run(
+        "ingest",
+        dataset=dataset,
+        source=str(params.source),
+        params=params.model_dump(mode="json"),
+    )
+    summary = IngestSummary(
+        run_id=run_id, dataset=dataset, source=str(params.source), format=source.format_name
+    )
+    try:
+        # 3. Embedder.
+        embedder = None
+        if params.clip.enabled:
+            embedder = ClipEmbedder(params.clip)
+            summary.embeddings = embedder.name
+        else:
+            log.warning(
+                "CLIP embeddings are DISABLED: no clip.checkpoint configured. Samples are "
+                "ingested without embeddings; near-duplicates use perceptual hashes only."
+            )
+        validator = SampleBatchValidator(params.ingest)
+        existing = store.read("samples", dataset=dataset, columns=["sample_id", "sha256"])
+        known = dict(
+            zip(
+                existing.column("sample_id").to_pylist(),
+                existing.column("sha256").to_pylist(),
+                strict=True,
+            )
+        )
+        claimed: set[str] = set()
+        reasons: Counter[str] = Counter()
+        try:
+            total = len(source)
+        except TypeError:
+            total = None
+        # 4. Shards.
+        with _progress(params.progress) as bar:
+            task_id = bar.add_task("ingest", total=total, status="")
+            for shard_no, records in enumerate(_chunks(source, params.ingest.batch_size)):
+                result = prepare_shard_task(
+                    records,
+                    dataset=dataset,
+                    run_id=run_id,
+                    known=known,
+                    claimed_this_run=claimed,
+                    cfg=params.ingest,
+                    validator=validator,
+                    embedder=embedder,
+                )
+                new_samples, new_quarantine = write_shard(store, result)
+                claimed.update(result.claimed)
+                reasons.update(result.reasons)
+                summary.seen += result.seen
+                summary.ingested += new_samples
+                summary.already_present += result.already_present
+                summary.quarantined += result.quarantine.num_rows
+                summary.quarantine_new += new_quarantine
+                bar.update(
+                    task_id,
+                    advance=len(records),
+                    status=f"{summary.ingested} new, {summary.quarantined} quarantined",
+                )
+                log.info(
+                    "shard %d: %d records, %d new samples, %d quarantined",
+                    shard_no,
+                    len(records),
+                    new_samples,
+                    result.quarantine.num_rows,
+                )
+        summary.quarantined_by_reason = dict(sorted(reasons.items()))
+        # 5. Duplicate groups.
+        groups = dedup(
+            store,
+            dataset,
+            run_id,
+            params.ingest.phash_max_distance,
+            params.ingest.clip_dup_threshold,
+        )
+        summary.duplicates = groups.summary()
+        summary.dataset_samples = store.count("samples", dataset)
+        summary.seconds = round(time.perf_counter() - started, 3)
+    except BaseException as err:
+        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(), error=repr(err))
+        raise
+    # 6. Close the run.
+    ledger.finish_run(run_id, status="completed", stats=summary.model_dump())
+    log.info("ingest %s: %s", run_id, summary.model_dump_json())
+    return summary

@@ -1,0 +1,5 @@
+"""Errors that refuse a whole source."""
+
+
+class SourceError(Exception):
+    """The source as a whole cannot be read; the message says why and what to do."""

@@ -1,0 +1,1 @@
+"""Storage: LanceDB tables (bulk rows), the DuckDB ledger (decisions), validation suites."""

@@ -1,0 +1,84 @@
+"""LanceDB tables of a workspace.
+
+Writes go through ``merge_insert`` on each table's primary key, so writing the same shard twice
+(a retried task, a resumed run) inserts nothing the second time: exactly-once rows without
+any bookkeeping beyond the data itself. Each merge is one atomic Lance commit.
+"""
+
+from __future__ import annotations
+
+import re
+
+import lancedb
+import pyarrow as pa
+
+from diffcurate.storage.schemas import TABLES
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_dataset_name(name: str) -> str:
+    """Dataset names end up in file names and filter expressions; keep them boring."""
+    if not _DATASET_NAME.match(name):
+        raise ValueError(
+            f"invalid dataset name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class LanceStore:
+    """Opens (creating on first use) the workspace's LanceDB tables."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.db = lancedb.connect(uri)
+
+    def table(self, name: str) -> lancedb.table.Table:
+        schema, _ = TABLES[name]
+        if name in self.db.list_tables().tables:
+            return self.db.open_table(name)
+        return self.db.create_table(name, schema=schema, exist_ok=True)
+
+    def has_table(self, name: str) -> bool:
+        return name in self.db.list_tables().tables
+
+    def insert_new(self, name: str, rows: pa.Table) -> int:
+        """Insert rows whose primary key is not in the table yet; returns how many were new."""
+        if rows.num_rows == 0:
+            return 0
+        schema, key = TABLES[name]
+        rows = rows.select(schema.names).cast(schema)
+        result = self.table(name).merge_insert(key).when_not_matched_insert_all().execute(rows)
+        return int(result.num_inserted_rows)
+
+    def replace_dataset_rows(self, name: str, dataset: str, rows: pa.Table) -> None:
+        """Replace one dataset's rows of a derived table (e.g. duplicate groups)."""
+        validate_dataset_name(dataset)
+        schema, _ = TABLES[name]
+        tbl = self.table(name)
+        tbl.delete(f"dataset = '{dataset}'")
+        if rows.num_rows:
+            tbl.add(rows.select(schema.names).cast(schema))
+
+    def read(
+        self, name: str, dataset: str | None = None, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Read a table (optionally one dataset, some columns) as Arrow."""
+        schema, _ = TABLES[name]
+        if not self.has_table(name):
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        ds = self.table(name).to_lance()
+        flt = None
+        if dataset is not None:
+            validate_dataset_name(dataset)
+            flt = f"dataset = '{dataset}'"
+        return ds.to_table(columns=columns, filter=flt)
+
+    def count(self, name: str, dataset: str | None = None) -> int:
+        if not self.has_table(name):
+            return 0
+        if dataset is None:
+            return self.table(name).count_rows()
+        validate_dataset_name(dataset)
+        return self.table(name).count_rows(f"dataset = '{dataset}'")

@@ -1,0 +1,69 @@
+"""Arrow schemas of the LanceDB tables. Changing a schema is a data migration: add, never rename."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_TS = pa.timestamp("us", tz="UTC")
+
+SAMPLES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("image", pa.large_binary(), nullable=False),
+        pa.field("image_format", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("phash", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("metadata", pa.string(), nullable=False),  # canonical JSON object
+        # Embeddings are variable-length lists so one table can hold datasets embedded with
+        # different CLIP models (or none); `embedding_model` says which produced them.
+        pa.field("embedding_model", pa.string()),
+        pa.field("image_embedding", pa.list_(pa.float32())),
+        pa.field("text_embedding", pa.list_(pa.float32())),
+        pa.field("ingest_run_id", pa.string(), nullable=False),
+        pa.field("ingested_at", _TS, nullable=False),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("quarantine_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        # What was read is kept so nothing is lost: the user can fix and re-ingest.
+        pa.field("image", pa.large_binary()),
+        pa.field("caption", pa.string()),
+        pa.field("caption_raw", pa.binary()),
+        pa.field("metadata", pa.string()),
+        pa.field("ingest_run_id", pa.string(), nullable=False),
+        pa.field("quarantined_at", _TS, nullable=False),
+    ]
+)
+
+DUPLICATES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("exact_group", pa.string(), nullable=False),  # sha256 of the bytes
+        pa.field("exact_group_size", pa.int32(), nullable=False),
+        pa.field("near_group", pa.string(), nullable=False),  # smallest sample_id in component
+        pa.field("near_group_size", pa.int32(), nullable=False),
+        pa.field("near_method", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+TABLES: dict[str, tuple[pa.Schema, str]] = {
+    "samples": (SAMPLES, "sample_id"),
+    "quarantine": (QUARANTINE, "quarantine_id"),
+    "duplicates": (DUPLICATES, "sample_id"),
+}

@@ -1,0 +1,48 @@
+"""Operations that read one table and write a derived one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from diffcurate.ingest.dedup import DuplicateGroups, duplicate_groups
+from diffcurate.storage.lance_store import LanceStore
+
+
+def write_duplicate_groups(
+    store: LanceStore,
+    dataset: str,
+    run_id: str,
+    *,
+    phash_max_distance: int,
+    clip_threshold: float,
+) -> DuplicateGroups:
+    """Recompute duplicate groups for all of a dataset's samples and replace its rows."""
+    cols = ["sample_id", "sha256", "phash", "image_embedding"]
+    table = store.read("samples", dataset=dataset, columns=cols)
+    emb_col = table.column("image_embedding")
+    embeddings = None
+    if table.num_rows and emb_col.null_count == 0:
+        embeddings = np.asarray(emb_col.to_pylist(), dtype=np.float32)
+    groups = duplicate_groups(
+        table.column("sample_id").to_pylist(),
+        table.column("sha256").to_pylist(),
+        table.column("phash").to_pylist(),
+        embeddings,
+        phash_max_distance=phash_max_distance,
+        clip_threshold=clip_threshold,
+    )
+    rows = pa.table(
+        {
+            "sample_id": table.column("sample_id"),
+            "dataset": pa.array([dataset] * table.num_rows, pa.string()),
+            "exact_group": pa.array(groups.exact_group, pa.string()),
+            "exact_group_size": pa.array(groups.exact_group_size, pa.int32()),
+            "near_group": pa.array(groups.near_group, pa.string()),
+            "near_group_size": pa.array(groups.near_group_size, pa.int32()),
+            "near_method": pa.array([groups.near_method] * table.num_rows, pa.string()),
+            "run_id": pa.array([run_id] * table.num_rows, pa.string()),
+        }
+    )
+    store.replace_dataset_rows("duplicates", dataset, rows)
+    return groups
