@@ -46,8 +46,10 @@ def write_folder(samples: Iterable[SampleFile], out: Path) -> Path:
 def write_manifest(samples: Iterable[SampleFile], out: Path) -> Path:
     """One parquet file with ``key``, ``image`` (bytes), ``caption`` and metadata columns."""
     rows = [{"key": s.key, "image": s.image, "caption": s.caption, **s.metadata} for s in samples]
+    # from_pylist infers columns from the first row only: name the union explicitly.
+    columns = list(dict.fromkeys(name for row in rows for name in row))
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), out)
+    pq.write_table(pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in columns}), out)
     return out
 
 

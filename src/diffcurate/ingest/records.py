@@ -58,7 +58,12 @@ def decode_caption(data: bytes) -> tuple[str | None, Reason | None, str]:
 
 
 def canonical_metadata(metadata: dict[str, Any]) -> str:
-    """Canonical JSON (sorted keys, no NaN) so that equal content compares equal."""
+    """Canonical JSON (sorted keys, no NaN) so that equal content compares equal.
+
+    Top-level nulls are dropped: a parquet manifest can only express "this sample has no such
+    field" as a null in a column other samples fill, while a JSON sidecar omits the key. Both
+    mean the same, so both serialise the same.
+    """
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -71,4 +76,5 @@ def canonical_metadata(metadata: dict[str, Any]) -> str:
             return value.hex()
         return value
 
-    return json.dumps(clean(metadata), sort_keys=True, ensure_ascii=False, default=str)
+    present = {k: v for k, v in metadata.items() if clean(v) is not None}
+    return json.dumps(clean(present), sort_keys=True, ensure_ascii=False, default=str)

@@ -19,6 +19,11 @@ from diffcurate.ingest.reasons import Reason
 
 ROW_INDEX = "_row"
 
+# GX pins some module loggers to INFO at import ("Created temporary directory ..." on every
+# ephemeral context); ingest runs create one per run, so quiet them.
+for _name in ("great_expectations", "great_expectations.data_context.types.base"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 
 @dataclass(frozen=True)
 class RowFailure:
@@ -66,7 +71,6 @@ class SampleBatchValidator:
 
     def __init__(self, cfg: IngestSettings) -> None:
         self.context = gx.get_context(mode="ephemeral")
-        logging.getLogger("great_expectations").setLevel(logging.WARNING)
         self.context.variables.progress_bars = ProgressBarsConfig(
             globally=False, metric_calculations=False
         )

@@ -11,6 +11,7 @@ import json
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from diffcurate.ingest.reasons import Reason
@@ -26,6 +27,19 @@ _JSON_KEY = "key"
 def _unsafe(name: str) -> bool:
     p = PurePosixPath(name.replace("\\", "/"))
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
+
+
+def _missing_end_marker(shard: Path, offset: int) -> str | None:
+    """Python's tarfile reads a truncated archive as a shorter, valid one. A complete tar ends
+    with zero blocks after the last member, so check for them explicitly."""
+    if shard.suffix.lower() != ".tar":  # compressed offsets are not file offsets
+        return None
+    with shard.open("rb") as fh:
+        fh.seek(offset)
+        tail = fh.read()
+    if len(tail) < 512 or tail.strip(b"\0"):
+        return "shard is truncated: no end-of-archive marker after the last member"
+    return None
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -59,6 +73,7 @@ class WebDatasetSource:
     def _read_shard(self, shard: Path) -> Iterator[RawRecord]:
         key: str | None = None
         parts: dict[str, bytes] = {}
+        problem: str | None = None
         try:
             with tarfile.open(shard, mode="r|*") as tf:
                 for member in tf:
@@ -80,18 +95,30 @@ class WebDatasetSource:
                         key, parts = member_key, {}
                     handle = tf.extractfile(member)
                     parts.setdefault(ext, handle.read() if handle is not None else b"")
+                problem = _missing_end_marker(shard, tf.offset)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            if key is not None:
-                yield from self._records(shard, key, parts)
-                key = None
+            problem = f"shard unreadable past this point: {err}"
+        if key is not None:
+            records = self._records(shard, key, parts)
+            if problem is not None:
+                # The last group may have lost members (caption, metadata) to the damage:
+                # quarantine it rather than ingest a silently incomplete sample.
+                records = (
+                    replace(
+                        r,
+                        reason=Reason.SHARD_CORRUPT,
+                        detail=f"last sample before damage: {problem}",
+                    )
+                    for r in records
+                )
+            yield from records
+        if problem is not None:
             yield RawRecord(
                 key=f"@{shard.name}",
                 source=str(shard),
                 reason=Reason.SHARD_CORRUPT,
-                detail=f"shard unreadable past this point: {err}",
+                detail=problem,
             )
-        if key is not None:
-            yield from self._records(shard, key, parts)
 
     @staticmethod
     def _records(shard: Path, key: str, parts: dict[str, bytes]) -> Iterator[RawRecord]:
