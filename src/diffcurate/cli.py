@@ -92,7 +92,7 @@ def ingest(
     go to the `quarantine` table with a reason. Exits non-zero only when nothing could be
     ingested.
     """
-    from diffcurate.ingest.sources import SourceError, SourceFormat
+    from diffcurate.ingest.sources import SourceError, SourceFormat, detect_format
 
     settings = _settings(workspace)
     try:
@@ -101,6 +101,10 @@ def ingest(
         raise _fail(
             f"unknown --format {format!r}; use one of {[f.value for f in SourceFormat]}"
         ) from None
+    try:  # refuse an unusable source before starting any machinery
+        detect_format(source) if fmt == SourceFormat.AUTO else source.stat()
+    except (SourceError, OSError) as e:
+        raise _fail(f"cannot read source: {e}") from e
     ingest_cfg = settings.ingest
     if batch_size is not None:
         ingest_cfg = ingest_cfg.model_copy(update={"batch_size": batch_size})

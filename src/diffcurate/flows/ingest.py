@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffcurate.config import ClipSettings, IngestSettings
@@ -50,6 +50,11 @@ class IngestParams(BaseModel):
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     progress: bool = Field(True, description="Show a progress bar when stderr is a terminal.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, value: str) -> str:
+        return validate_dataset_name(value)
 
 
 class IngestSummary(BaseModel):
@@ -99,7 +104,7 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
     """Ingest an image–caption source into the workspace's ``samples`` table."""
     log = get_run_logger()
     started = time.perf_counter()
-    dataset = validate_dataset_name(params.dataset)
+    dataset = params.dataset
     # 1. Open the source.
     source = open_source(
         params.source,

@@ -1,0 +1,119 @@
+"""The command line: exit codes, messages, configuration, and a real SIGKILL mid-ingest."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcurate.cli import app
+from diffcurate.demo.corpus import digit_samples
+from diffcurate.demo.writers import SampleFile, write_folder, write_webdataset
+from diffcurate.storage.lance_store import LanceStore
+from diffcurate.storage.ledger import Ledger
+
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def test_help_lists_every_command():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in ("ingest", "demo-corpus", "runs", "quarantine", "datasets", "config"):
+        assert cmd in res.output
+
+
+def test_unreadable_source_is_refused_with_exit_2(tmp_path):
+    res = invoke("ingest", tmp_path / "missing", "--dataset", "d", "-w", tmp_path / "ws")
+    assert res.exit_code == 2
+    assert "does not exist" in res.output
+
+
+def test_unknown_format_and_bad_dataset_name_are_refused(tmp_path, digit_files):
+    write_folder(digit_files[:2], tmp_path / "src")
+    res = invoke("ingest", tmp_path / "src", "-d", "d", "-f", "zip", "-w", tmp_path / "ws")
+    assert res.exit_code == 2 and "unknown --format" in res.output
+    res = invoke("ingest", tmp_path / "src", "-d", "../x", "-w", tmp_path / "ws")
+    assert res.exit_code == 2 and "invalid dataset name" in res.output
+
+
+def test_malformed_manifest_is_refused(tmp_path):
+    (tmp_path / "m.parquet").write_bytes(b"garbage")
+    res = invoke("ingest", tmp_path / "m.parquet", "-d", "d", "-w", tmp_path / "ws")
+    assert res.exit_code == 2 and "malformed parquet" in res.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_ingest_summary_and_exit_codes(tmp_path, digit_files):
+    write_folder([*digit_files[:5], SampleFile("bad", b"", "png", "empty")], tmp_path / "ok")
+    ws = tmp_path / "ws"
+    res = invoke("ingest", tmp_path / "ok", "-d", "digits", "-w", ws)
+    assert res.exit_code == 0, res.output
+    assert "embeddings disabled" in res.output
+    for line in ("ingested (new)", "empty_file", "exact duplicate groups"):
+        assert line in res.output
+    # Only bad rows: exit 1, and the rows are still quarantined.
+    write_folder([SampleFile("bad2", b"junk", "png", "junk")], tmp_path / "allbad")
+    res = invoke("ingest", tmp_path / "allbad", "-d", "junk", "-w", ws)
+    assert res.exit_code == 1 and "nothing could be ingested" in res.output
+    res = invoke("quarantine", "-w", ws)
+    assert "empty_file: 1" in res.output and "not_an_image: 1" in res.output
+    res = invoke("datasets", "-w", ws)
+    assert "digits" in res.output and "junk" in res.output
+    res = invoke("runs", "-w", ws, "--json")
+    assert res.exit_code == 0 and res.output.count('"kind": "ingest"') == 2
+
+
+def test_config_from_env_and_toml_and_clear_errors(tmp_path):
+    toml = tmp_path / "dc.toml"
+    toml.write_text('[ingest]\nbatch_size = 33\nmin_side = 16\n[clip]\nmodel = "RN50"\n')
+    env = {"DIFFCURATE_CONFIG": str(toml), "DIFFCURATE_INGEST__MIN_SIDE": "24"}
+    res = invoke("config", "-w", tmp_path / "ws", env=env)
+    assert res.exit_code == 0, res.output
+    assert '"batch_size": 33' in res.output  # from TOML
+    assert '"min_side": 24' in res.output  # env beats TOML
+    assert '"model": "RN50"' in res.output
+    res = invoke("config", "-w", tmp_path / "ws", env={"DIFFCURATE_INGEST__BATCH_SIZE": "-1"})
+    assert res.exit_code == 2 and "batch_size" in res.output
+    toml.write_text("[ingest]\nmin_side = 64\nmax_side = 32\n")
+    res = invoke("config", "-w", tmp_path / "ws", env={"DIFFCURATE_CONFIG": str(toml)})
+    assert res.exit_code == 2 and "exceeds max_side" in res.output
+
+
+def _versions(ws) -> int:
+    d = ws / "lancedb" / "samples.lance" / "_versions"
+    return len(list(d.glob("*.manifest"))) if d.exists() else 0
+
+
+def test_sigkill_mid_ingest_then_rerun_ends_with_exact_rows(tmp_path):
+    samples, _ = digit_samples(n_duplicated=0, copies=1)  # 1,797 real digits
+    write_webdataset(samples, tmp_path / "wds", shard_size=500)
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "diffcurate.cli", "ingest", str(tmp_path / "wds"),
+           "-d", "digits", "-w", str(ws), "--batch-size", "10"]  # fmt: skip
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while _versions(ws) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    store = LanceStore(str(ws / "lancedb"))
+    partial = store.count("samples", "digits")
+    assert 0 < partial < len(samples), "the kill must land mid-run for this test to mean anything"
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ids = store.read("samples", "digits", columns=["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(samples)
+    runs = Ledger(ws / "ledger.duckdb").runs(kind="ingest")
+    assert [r["status"] for r in runs] == ["completed", "interrupted"]
+    assert runs[0]["stats"]["already_present"] == partial
+    assert runs[0]["stats"]["ingested"] == len(samples) - partial

@@ -1,0 +1,65 @@
+"""The README must describe what the code does: every command, option, reason and setting."""
+
+import re
+from pathlib import Path
+
+import typer.main
+from pydantic import BaseModel
+
+from diffcurate.cli import app
+from diffcurate.config import Settings
+from diffcurate.ingest.reasons import Reason
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def _commands() -> dict[str, object]:
+    group = typer.main.get_group(app)
+    return dict(group.commands)
+
+
+def test_every_command_is_documented():
+    for name in _commands():
+        assert f"diffcurate {name}" in README, name
+
+
+def test_every_ingest_option_is_documented():
+    ingest = _commands()["ingest"]
+    for param in ingest.params:
+        for opt in param.opts:
+            if opt.startswith("--"):
+                assert re.search(rf"{re.escape(opt)}\b", README), opt
+
+
+def test_every_quarantine_reason_is_in_the_table():
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", README, flags=re.M))
+    assert {r.value for r in Reason} <= documented
+
+
+def _setting_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names += _setting_names(ann, f"{prefix}{name}.")
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+def test_every_setting_is_in_the_table_with_its_default():
+    defaults = Settings.model_construct()
+    for name in _setting_names(Settings):
+        row = re.search(rf"^\| `{re.escape(name)}` \| ([^|]+) \|", README, flags=re.M)
+        assert row, name
+        value = defaults
+        for part in name.split("."):
+            value = getattr(value, part)
+        shown = row.group(1).strip().strip("`")
+        assert shown == ("unset" if value is None else str(value)), (name, shown, value)
+
+
+def test_make_targets_in_readme_exist():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    for target in re.findall(r"^make ([a-z-]+)", README, flags=re.M):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), target
