@@ -1,4 +1,4 @@
-"""Ingest throughput benchmark: every number is a ratio to raw image decoding in the same run.
+"""Ingest throughput benchmark, reported as ratios to raw image decoding measured in one run.
 
 The script builds a seeded corpus of real images (scikit-learn's handwritten digits, upsampled,
 and random crops of the photographs bundled with scikit-image; nothing is downloaded), writes it
@@ -56,7 +56,7 @@ TINY_CLIP_ARCH: dict[str, object] = {
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
-# Photographs shipped inside the scikit-image wheel (skimage/data/*.png|jpg): they load with no
+# Images shipped inside the scikit-image wheel (skimage/data/*.png|jpg): they load with no
 # network access. Images that scikit-image fetches with pooch are deliberately not listed.
 SKIMAGE_PHOTOS = (
     "astronaut",
@@ -471,6 +471,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "add a row with real weights). Each flow run uses a fresh workspace. Absolute "
             "seconds are machine-specific; compare ratios."
         ),
+        epilog=(
+            "Prints a markdown table (configuration | images | seconds | images/s | ratio to "
+            "raw decode), the machine and the command line. Exit status 1 when a flow run did "
+            "not ingest every image (the table then says why)."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--n-images", type=int, default=5000, help="corpus size")
@@ -504,7 +509,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="JSON config for --clip-model when open_clip does not know the architecture",
     )
     parser.add_argument(
-        "--keep", type=Path, default=None, help="keep corpus and workspaces under this directory"
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep corpus, tiny model and workspaces under this (new or empty) directory",
     )
     args = parser.parse_args(argv)
     if (args.clip_model is None) != (args.clip_checkpoint is None):

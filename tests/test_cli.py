@@ -98,11 +98,15 @@ def test_sigkill_mid_ingest_then_rerun_ends_with_exact_rows(tmp_path):
     cmd = [sys.executable, "-m", "diffcurate.cli", "ingest", str(tmp_path / "wds"),
            "-d", "digits", "-w", str(ws), "--batch-size", "10"]  # fmt: skip
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Own process group: the kill takes the CLI and the Prefect server it started, as a
+    # machine loss or an OOM kill of the job would (and leaves no orphan server behind).
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while _versions(ws) < 6 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
     store = LanceStore(str(ws / "lancedb"))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from prefect import flow, get_run_logger
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -157,17 +158,19 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         with _progress(params.progress) as bar:
             task_id = bar.add_task("ingest", total=total, status="")
             for shard_no, records in enumerate(_chunks(source, params.ingest.batch_size)):
+                # quote(): Prefect otherwise walks every element of every task argument on
+                # each call, which makes the growing id maps cost O(corpus) per shard.
                 result = prepare_shard_task(
-                    records,
+                    quote(records),
                     dataset=dataset,
                     run_id=run_id,
-                    known=known,
-                    claimed_this_run=claimed,
+                    known=quote(known),
+                    claimed_this_run=quote(claimed),
                     cfg=params.ingest,
-                    validator=validator,
-                    embedder=embedder,
+                    validator=quote(validator),
+                    embedder=quote(embedder),
                 )
-                new_samples, new_quarantine = write_shard(store, result)
+                new_samples, new_quarantine = write_shard(store, quote(result))
                 claimed.update(result.claimed)
                 reasons.update(result.reasons)
                 summary.seen += result.seen

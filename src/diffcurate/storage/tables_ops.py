@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from diffcurate.ingest.dedup import DuplicateGroups, duplicate_groups
 from diffcurate.storage.lance_store import LanceStore
+
+
+def _embedding_sets(table: pa.Table) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows and embeddings per embedding model (cosine is only meaningful within one model)."""
+    models = table.column("embedding_model")
+    sets = []
+    for model in pc.unique(models).drop_null().to_pylist():
+        rows = np.flatnonzero(pc.equal(models, model).fill_null(False).to_numpy())
+        lists = table.column("image_embedding").take(pa.array(rows)).combine_chunks()
+        flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        sets.append((rows, flat.reshape(len(rows), -1)))
+    return sets
 
 
 def write_duplicate_groups(
@@ -18,17 +31,13 @@ def write_duplicate_groups(
     clip_threshold: float,
 ) -> DuplicateGroups:
     """Recompute duplicate groups for all of a dataset's samples and replace its rows."""
-    cols = ["sample_id", "sha256", "phash", "image_embedding"]
+    cols = ["sample_id", "sha256", "phash", "embedding_model", "image_embedding"]
     table = store.read("samples", dataset=dataset, columns=cols)
-    emb_col = table.column("image_embedding")
-    embeddings = None
-    if table.num_rows and emb_col.null_count == 0:
-        embeddings = np.asarray(emb_col.to_pylist(), dtype=np.float32)
     groups = duplicate_groups(
         table.column("sample_id").to_pylist(),
         table.column("sha256").to_pylist(),
         table.column("phash").to_pylist(),
-        embeddings,
+        _embedding_sets(table),
         phash_max_distance=phash_max_distance,
         clip_threshold=clip_threshold,
     )
