@@ -50,3 +50,14 @@ def test_reading_a_missing_table_is_empty(tmp_path):
 def test_dataset_names_that_could_inject_are_refused(name):
     with pytest.raises(ValueError, match="invalid dataset name"):
         validate_dataset_name(name)
+
+
+def test_where_filters_escape_values(tmp_path):
+    store = LanceStore(str(tmp_path / "db"))
+    store.insert_new("duplicates", _dups(["a", "b", "it's"], "d"))
+    read = store.read
+    assert read("duplicates", where={"sample_id": ["a", "it's"]}).num_rows == 2
+    assert read("duplicates", where={"sample_id": "x' OR '1'='1"}).num_rows == 0
+    assert read("duplicates", where={"sample_id": []}, columns=["sample_id"]).num_rows == 0
+    with pytest.raises(ValueError, match="no column"):
+        read("duplicates", where={"1=1 OR sample_id": "a"})

@@ -54,3 +54,18 @@ def test_unknown_final_status_refused(tmp_path):
 def test_reopening_keeps_rows(tmp_path):
     run_id = Ledger(tmp_path / "l.duckdb").start_run("ingest")
     assert Ledger(tmp_path / "l.duckdb").run(run_id)["kind"] == "ingest"
+
+
+def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    a = ledger.start_run("score", dataset="d", params={"fingerprint": "fp1"})
+    ledger.finish_run(a, status="failed", error="boom")
+    b = ledger.start_run("score", dataset="d", params={"fingerprint": "fp2"})
+    ledger.finish_run(b, status="completed")
+    assert ledger.resumable_run("score", "fp1") == a
+    assert ledger.resumable_run("score", "fp2") is None  # completed runs are not resumed
+    assert ledger.resumable_run("ingest", "fp1") is None
+    ledger.reopen_run(a)
+    assert ledger.run(a)["status"] == "running" and ledger.run(a)["error"] is None
+    with pytest.raises(ValueError, match="not an interrupted or failed run"):
+        ledger.reopen_run(b)

@@ -8,6 +8,7 @@ any bookkeeping beyond the data itself. Each merge is one atomic Lance commit.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import lancedb
 import pyarrow as pa
@@ -25,6 +26,11 @@ def validate_dataset_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (quotes doubled), for Lance filter expressions."""
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 class LanceStore:
@@ -62,18 +68,41 @@ class LanceStore:
             tbl.add(rows.select(schema.names).cast(schema))
 
     def read(
-        self, name: str, dataset: str | None = None, columns: list[str] | None = None
+        self,
+        name: str,
+        dataset: str | None = None,
+        columns: list[str] | None = None,
+        where: dict[str, str | Sequence[str]] | None = None,
     ) -> pa.Table:
-        """Read a table (optionally one dataset, some columns) as Arrow."""
+        """Read a table as Arrow: optionally one dataset, some columns, and equality filters.
+
+        Args:
+            name: Table name.
+            dataset: Only this dataset's rows.
+            columns: Only these columns.
+            where: ``{column: value}`` or ``{column: [values]}``; values are escaped, column
+                names must be columns of the table (they come from code, never from users).
+        """
         schema, _ = TABLES[name]
         if not self.has_table(name):
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        ds = self.table(name).to_lance()
-        flt = None
+        clauses = []
         if dataset is not None:
-            validate_dataset_name(dataset)
-            flt = f"dataset = '{dataset}'"
-        return ds.to_table(columns=columns, filter=flt)
+            clauses.append(f"dataset = {_literal(validate_dataset_name(dataset))}")
+        for column, value in (where or {}).items():
+            if column not in schema.names:
+                raise ValueError(f"{name} has no column {column!r}")
+            if isinstance(value, str):
+                clauses.append(f"{column} = {_literal(value)}")
+            elif len(value) == 0:
+                return self.read(name, columns=columns).slice(0, 0)
+            else:
+                clauses.append(f"{column} IN ({', '.join(_literal(v) for v in value)})")
+        return (
+            self.table(name)
+            .to_lance()
+            .to_table(columns=columns, filter=" AND ".join(clauses) or None)
+        )
 
     def count(self, name: str, dataset: str | None = None) -> int:
         if not self.has_table(name):

@@ -140,6 +140,33 @@ class Ledger:
                 )
         return dead
 
+    def resumable_run(self, kind: str, fingerprint: str) -> str | None:
+        """The newest interrupted/failed run of ``kind`` whose params carry ``fingerprint``.
+
+        A run's fingerprint hashes everything that determines its output, so resuming it
+        cannot mix rows computed under different settings.
+        """
+        self.mark_interrupted()
+        with self._connect(read_only=True) as con:
+            row = con.execute(
+                "SELECT run_id FROM runs WHERE kind = ? AND status IN ('interrupted', 'failed') "
+                "AND json_extract_string(params, '$.fingerprint') = ? "
+                "ORDER BY started_at DESC LIMIT 1",
+                [kind, fingerprint],
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an interrupted/failed run as running again, owned by this process."""
+        with self._connect() as con:
+            updated = con.execute(
+                "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL, host = ?, "
+                "pid = ? WHERE run_id = ? AND status IN ('interrupted', 'failed') RETURNING run_id",
+                [socket.gethostname(), os.getpid(), run_id],
+            ).fetchall()
+        if not updated:
+            raise ValueError(f"run {run_id!r} is not an interrupted or failed run")
+
     def runs(self, kind: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, as dicts with ``params``/``stats`` decoded."""
         query = "SELECT * FROM runs WHERE 1=1"

@@ -62,8 +62,27 @@ DUPLICATES = pa.schema(
     ]
 )
 
+
+SCORES = pa.schema(
+    [
+        pa.field("score_id", pa.string(), nullable=False),  # f"{run_id}/{sample_id}"
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),  # high = risky, for every signal
+        pa.field("stderr", pa.float64()),
+        # Parts; their names (layers, timesteps) are recorded once per run in the ledger.
+        pa.field("per_layer", pa.list_(pa.float64())),
+        pa.field("per_timestep", pa.list_(pa.float64())),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("scored_at", _TS, nullable=False),
+    ]
+)
+
 TABLES: dict[str, tuple[pa.Schema, str]] = {
     "samples": (SAMPLES, "sample_id"),
     "quarantine": (QUARANTINE, "quarantine_id"),
     "duplicates": (DUPLICATES, "sample_id"),
+    "scores": (SCORES, "score_id"),
 }
