@@ -1,1 +1,2 @@
-"""Models loaded from local paths: open_clip embedders (and, later, diffusers pipelines)."""
+"""Models loaded from local paths: open_clip embedders and diffusers denoisers; training and
+sampling of reference diffusion models."""

@@ -1,0 +1,335 @@
+"""DDPM training on CPU or GPU: deterministic under a seed and resumable from checkpoints.
+
+Loss: ``t ~ U{0, …, T-1}``, ``ε ~ N(0, I)``, ``loss = MSE(f(x_t, t), y)`` with ``x_t`` and the
+target ``y`` (ε or v, from the scheduler's ``prediction_type``) computed by
+:class:`~diffcurate.influence.objective.DiffusionObjective`, the project's single definition of
+the diffusion loss. Optimiser: AdamW, optional gradient-norm clipping.
+
+Why every random draw is keyed by the step number: the minibatch, the timesteps and the noise of
+step k come from generators seeded by ``(seed, k)`` (and the data order of epoch e by
+``(seed, e)``), never from one long-running RNG stream. Resuming at step k therefore needs no
+generator state to reproduce the remaining draws exactly, and the global torch RNG (saved and
+restored anyway, for dropout) is untouched by the draws. Together with the saved AdamW state
+this makes "train to k, stop, resume to n" give the same weights as "train to n" bit for bit on
+the same device and thread count.
+
+Checkpoints are complete diffusers model directories (``step-00000100/unet``, ``scheduler``)
+plus ``training_state.pt``, written to a temporary directory and renamed into place, so a run
+killed mid-save leaves the previous checkpoint as the latest valid one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule, keyed_generator
+from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, save_diffusion_model
+
+log = logging.getLogger(__name__)
+
+TRAINING_STATE = "training_state.pt"
+_CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
+# Changing these between a checkpoint and its resumption would change the trajectory.
+_TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "seed", "grad_clip")
+
+
+class TrainConfig(BaseModel):
+    """How to train.
+
+    Attributes:
+        steps: Total optimiser steps (a resumed run continues up to this many).
+        batch_size: Images per step. Batches walk through seeded per-epoch permutations of the
+            data, so every image is seen equally often (what memorization by duplication
+            relies on).
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW decoupled weight decay; 0 by default, as regularisation would work
+            against the memorization experiments these models exist for.
+        seed: Seeds data order, timesteps and noise (initial weights are the model's own).
+        log_every: Log the mean loss every this many steps (0: never).
+        checkpoint_every: Save a checkpoint every this many steps (the final step is always
+            saved when a checkpoint directory is given); None: only the final one.
+        keep_checkpoints: How many of the most recent checkpoints to keep.
+        grad_clip: Clip the global gradient norm to this (None: no clipping).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    log_every: int = Field(100, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did.
+
+    Attributes:
+        losses: Loss of every step from step 0 (steps before a resumed checkpoint come from it).
+        seconds: Wall time of this call.
+        start_step: The step this call started at (0, or the resumed checkpoint's step).
+        final_step: Steps completed when this call returned.
+        checkpoint: The last checkpoint directory written or resumed from, if any.
+    """
+
+    losses: list[float]
+    seconds: float
+    start_step: int
+    final_step: int
+    checkpoint: Path | None = None
+
+    @property
+    def steps_per_second(self) -> float:
+        """Training speed of this call (steps run here / wall time)."""
+        ran = self.final_step - self.start_step
+        return ran / self.seconds if self.seconds > 0 else float("nan")
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``checkpoint_dir`` (None if none)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT_DIR.match(p.name)) and (p / TRAINING_STATE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _fingerprint(images: torch.Tensor, conditioning: torch.Tensor | None) -> str:
+    """sha256 of the training data, so a checkpoint is never resumed on different data."""
+    digest = hashlib.sha256()
+    for tensor in (images, conditioning):
+        if tensor is not None:
+            cpu = tensor.detach().to("cpu").contiguous()
+            digest.update(str((tuple(cpu.shape), cpu.dtype)).encode())
+            digest.update(cpu.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch (cached: consecutive steps share an epoch)."""
+    return torch.randperm(n, generator=keyed_generator(seed, "train", "epoch", epoch))
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of step ``step``'s batch: positions ``[step*B, (step+1)*B)`` of the epoch
+    sequence, where epoch e is a permutation of ``range(n)`` seeded by ``(seed, e)``."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return torch.stack([_epoch_permutation(n, seed, pos // n)[pos % n] for pos in positions])
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_checkpoint(
+    root: Path, step: int, model: DiffusionModel, state: dict[str, Any], keep: int
+) -> Path:
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_diffusion_model(DiffusionModel(unet=model.unet, scheduler=model.scheduler), tmp)
+    torch.save(state, tmp / TRAINING_STATE)
+    if final.exists():  # a stale, state-less leftover of a crash between save and rename
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    complete = sorted(
+        p for p in root.iterdir() if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE).exists()
+    )
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _check_resumable(
+    saved: dict[str, Any], config: TrainConfig, fingerprint: str, ck: Path
+) -> None:
+    changed = [
+        f"{name}: {saved['config'][name]!r} -> {getattr(config, name)!r}"
+        for name in _TRAJECTORY_FIELDS
+        if saved["config"].get(name) != getattr(config, name)
+    ]
+    if changed:
+        raise ValueError(f"cannot resume from {ck}: config changed ({'; '.join(changed)})")
+    if saved["fingerprint"] != fingerprint:
+        raise ValueError(f"cannot resume from {ck}: it was trained on different images")
+
+
+def _progress_bar(enabled: bool, total: int, completed: int) -> Any:
+    """A rich progress bar on stderr when it is an interactive terminal, else None."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    bar.add_task("train", total=total, completed=completed, loss=float("nan"))
+    return bar
+
+
+def train(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    conditioning: torch.Tensor | None = None,
+) -> TrainResult:
+    """Train ``model.unet`` in place with the DDPM objective.
+
+    Args:
+        model: A pixel-space model (no VAE); its scheduler defines T and ε/v prediction.
+        images: ``[N, C, H, W]`` in [-1, 1] matching ``model.sample_shape`` (see
+            :mod:`diffcurate.models.images`). Kept where they are; each batch is moved to the
+            device and cast to the model's dtype.
+        config: Training settings.
+        checkpoint_dir: Where checkpoints go. If it holds one already, training resumes from
+            the latest (its weights replace ``model.unet``'s) after checking the data and the
+            trajectory-defining settings are unchanged.
+        progress: Show a rich progress bar when stderr is a terminal.
+        conditioning: ``encoder_hidden_states`` ``[N, seq, dim]`` aligned with ``images``;
+            required for ``UNet2DConditionModel``, refused otherwise.
+
+    Returns:
+        A :class:`TrainResult`; the model is left in eval mode.
+
+    Raises:
+        ValueError: Shapes or conditioning do not fit the model, or a checkpoint cannot be
+            resumed with this data/config.
+        FloatingPointError: The loss became NaN or infinite (the last checkpoint survives).
+    """
+    started = time.perf_counter()
+    if model.vae is not None:
+        raise ValueError("training latent-diffusion models (with a VAE) is not supported")
+    if tuple(images.shape[1:]) != model.sample_shape or images.ndim != 4:
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}, model expects [N, {model.sample_shape}]"
+        )
+    if model.conditional != (conditioning is not None):
+        need = "needs" if model.conditional else "takes no"
+        raise ValueError(f"{type(model.unet).__name__} {need} conditioning")
+    if conditioning is not None and conditioning.shape[0] != images.shape[0]:
+        raise ValueError("conditioning must have one row per image")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is 'cuda' but no CUDA device is available")
+    device = torch.device(config.device)
+    n_train = int(model.scheduler.config.num_train_timesteps)
+    objective = DiffusionObjective(
+        model.scheduler, TimestepSchedule(band=(0, n_train)), seed=config.seed
+    )
+    unet = model.unet.to(device)
+    dtype = next(unet.parameters()).dtype  # float64 models train in float64
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    fingerprint = _fingerprint(images, conditioning)
+
+    start, losses, last_ck = 0, [], None
+    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if root is not None and (ck := latest_checkpoint(root)) is not None:
+        saved = torch.load(ck / TRAINING_STATE, map_location="cpu", weights_only=True)
+        _check_resumable(saved, config, fingerprint, ck)
+        unet.load_state_dict(load_diffusion_model(ck, device=device).unet.state_dict())
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng"], device)
+        start, losses, last_ck = int(saved["step"]), list(saved["losses"]), ck
+        log.info("resuming training from %s (step %d)", ck, start)
+        if start >= config.steps:
+            log.warning("checkpoint %s is at step %d >= steps=%d", ck, start, config.steps)
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+
+    bar = _progress_bar(progress, config.steps, start)
+    unet.train()
+    try:
+        if bar is not None:
+            bar.start()
+        for step in range(start, config.steps):
+            idx = _batch_indices(images.shape[0], config.batch_size, config.seed, step)
+            gen = keyed_generator(config.seed, "train", "noise", step)
+            t = torch.randint(0, n_train, (config.batch_size,), generator=gen)
+            eps = torch.randn((config.batch_size, *model.sample_shape), generator=gen)
+            x0 = images[idx].to(device=device, dtype=dtype)
+            eps, t = eps.to(device=device, dtype=dtype), t.to(device)
+            kwargs = {}
+            if conditioning is not None:
+                kwargs["encoder_hidden_states"] = conditioning[idx].to(device=device, dtype=dtype)
+            out = unet(objective.noisy(x0, t, eps), t, **kwargs).sample
+            loss = F.mse_loss(out.float(), objective.target(x0, t, eps).float())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; last checkpoint: {last_ck}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            done = step + 1
+            if config.log_every and done % config.log_every == 0:
+                recent = losses[-config.log_every :]
+                log.info("step %d/%d loss %.5f", done, config.steps, sum(recent) / len(recent))
+            if bar is not None:
+                bar.update(bar.task_ids[0], completed=done, loss=losses[-1])
+            periodic = config.checkpoint_every is not None and done % config.checkpoint_every == 0
+            if root is not None and (periodic or done == config.steps):
+                state = {
+                    "step": done,
+                    "losses": losses,
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(device),
+                    "config": config.model_dump(),
+                    "fingerprint": fingerprint,
+                }
+                last_ck = _save_checkpoint(root, done, model, state, config.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.stop()
+        unet.eval()
+    return TrainResult(
+        losses=losses,
+        seconds=time.perf_counter() - started,
+        start_step=start,
+        final_step=max(start, config.steps),
+        checkpoint=last_ck,
+    )
