@@ -121,3 +121,27 @@ def test_sigkill_mid_ingest_then_rerun_ends_with_exact_rows(tmp_path):
     assert [r["status"] for r in runs] == ["completed", "interrupted"]
     assert runs[0]["stats"]["already_present"] == partial
     assert runs[0]["stats"]["ingested"] == len(samples) - partial
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_score_command_prints_riskiest_and_refuses_bad_input(tmp_path, digit_files):
+    from tiny_unets import scheduler, tiny_unet
+
+    write_folder(digit_files[:12], tmp_path / "src")
+    ws = tmp_path / "ws"
+    assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
+    model = tmp_path / "model"
+    tiny_unet().float().save_pretrained(model / "unet")
+    scheduler().save_pretrained(model / "scheduler")
+    res = invoke("score", "-d", "digits", "-m", model, "--scorer", "loss", "-w", ws, "--top", 3)
+    assert res.exit_code == 0, res.output
+    assert "riskiest 3" in res.output and "t=[100]" in res.output
+    run_id = Ledger(ws / "ledger.duckdb").runs(kind="score")[0]["run_id"]
+    res = invoke("scores", run_id, "-w", ws, "--top", 5)
+    assert res.exit_code == 0 and "riskiest 5" in res.output
+    res = invoke("score", "-d", "digits", "-m", model, "--scorer", "bogus", "-w", ws)
+    assert res.exit_code == 2 and "signal" in res.output
+    res = invoke("score", "-d", "digits", "-m", tmp_path / "nope", "-w", ws)
+    assert res.exit_code == 2 and "model directory not found" in res.output
+    res = invoke("score", "-d", "digits", "-m", model, "--timesteps", "5000", "-w", ws)
+    assert res.exit_code == 2 and "training timesteps" in res.output

@@ -163,6 +163,108 @@ def _print_ingest_summary(summary) -> None:
     out.print(t)
 
 
+@app.command()
+def score(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to score.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
+    scorer: Annotated[
+        str, typer.Option("--scorer", "-s", help="Risk signal: trace | divergence | loss.")
+    ] = "trace",
+    timesteps: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated timesteps [default: trace 20, divergence/loss 100]."),
+    ] = None,
+    draws: Annotated[int, typer.Option(help="Noise draws per timestep and sample.")] = 2,
+    probes: Annotated[int, typer.Option(help="Hutchinson probes per draw.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the draws and probes.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | float64.")] = "float32",
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (commit/resume unit).")] = 256,
+    resume: Annotated[
+        bool, typer.Option(help="Resume an interrupted run with identical settings.")
+    ] = True,
+    top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 10,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Score every sample's memorization risk with one signal; writes the `scores` table.
+
+    Signals: `trace` (per-sample GGN curvature trace, seed 000), `divergence` (data-space
+    Jacobian trace), `loss` (low per-sample diffusion loss). High score = risky for all of them.
+    Re-running after a crash resumes the interrupted run without duplicating rows.
+    """
+    from diffcurate.influence.registry import ScorerSpec
+
+    settings = _settings(workspace)
+    try:
+        steps = None if timesteps is None else tuple(int(t) for t in timesteps.split(","))
+        spec = ScorerSpec(
+            signal=scorer, timesteps=steps, draws_per_timestep=draws, probes=probes, seed=seed,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        from diffcurate.flows.score import ScoreParams, score_flow
+
+        params = ScoreParams(
+            dataset=dataset, model=model, scorer=spec, workspace=settings.workspace,
+            shard_size=shard_size, resume=resume,
+        )  # fmt: skip
+    except (ValidationError, ValueError) as e:
+        raise _fail(str(e)) from e
+    from diffcurate.models.diffusion import ModelLoadError
+
+    try:
+        summary = score_flow(params)
+    except (FileNotFoundError, ModelLoadError, ValueError, KeyError) as e:
+        raise _fail(str(e)) from e
+    t = Table(title=f"score {summary.run_id}", show_header=False)
+    t.add_row("signal", f"{summary.signal} ({summary.method}) at t={summary.timesteps}")
+    t.add_row("samples", str(summary.samples))
+    t.add_row("scored now", str(summary.scored))
+    t.add_row(
+        "resumed", f"yes, {summary.already_scored} already scored" if summary.resumed else "no"
+    )
+    t.add_row(
+        "score quantiles", ", ".join(f"q{k}={v:.4g}" for k, v in summary.score_quantiles.items())
+    )
+    t.add_row("time", f"{summary.seconds:.1f} s")
+    out.print(t)
+    _print_top_scores(settings, summary.run_id, top)
+
+
+def _print_top_scores(settings: Settings, run_id: str, top: int) -> None:
+    from diffcurate.storage.lance_store import LanceStore
+
+    store = LanceStore(settings.lancedb_uri)
+    rows = store.read(
+        "scores", columns=["sample_id", "score", "stderr"], where={"run_id": run_id}
+    ).to_pylist()
+    if not rows:
+        raise _fail(f"no scores for run {run_id!r}")
+    rows = sorted(rows, key=lambda r: -r["score"])[:top]
+    samples = {
+        r["sample_id"]: r
+        for r in store.read(
+            "samples", columns=["sample_id", "key", "caption"],
+            where={"sample_id": [r["sample_id"] for r in rows]},
+        ).to_pylist()
+    }  # fmt: skip
+    t = Table("rank", "score", "± stderr", "key", "caption", title=f"riskiest {len(rows)}")
+    for rank, r in enumerate(rows, 1):
+        s = samples.get(r["sample_id"], {})
+        t.add_row(str(rank), f"{r['score']:.5g}", f"{r['stderr']:.2g}", s.get("key", "?"),
+                  s.get("caption", ""))  # fmt: skip
+    out.print(t)
+
+
+@app.command()
+def scores(
+    run_id: Annotated[str, typer.Argument(help="A score run id (see `diffcurate runs`).")],
+    top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 20,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Print the riskiest samples of a scoring run."""
+    _print_top_scores(_settings(workspace), run_id, top)
+
+
 @app.command("demo-corpus")
 def demo_corpus(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the corpus into.")],
@@ -204,9 +306,7 @@ def runs(
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
-    t = Table(
-        "run_id", "kind", "dataset", "status", "started", "seconds", "ingested", "quarantined"
-    )
+    t = Table("run_id", "kind", "dataset", "status", "started", "seconds", "rows", "quarantined")
     for r in rows:
         s = r["stats"]
         t.add_row(
