@@ -145,3 +145,32 @@ def test_score_command_prints_riskiest_and_refuses_bad_input(tmp_path, digit_fil
     assert res.exit_code == 2 and "model directory not found" in res.output
     res = invoke("score", "-d", "digits", "-m", model, "--timesteps", "5000", "-w", ws)
     assert res.exit_code == 2 and "training timesteps" in res.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_train_resumes_and_sample_writes_a_grid(tmp_path, digit_files):
+    from PIL import Image
+
+    write_folder(digit_files[:12], tmp_path / "src")
+    ws = tmp_path / "ws"
+    assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
+    args = ["train", "-d", "digits", "--arch", "tiny", "--batch-size", 4,
+            "--checkpoint-every", 10, "-w", ws]  # fmt: skip
+    res = invoke(*args, "--steps", 20)
+    assert res.exit_code == 0, res.output
+    assert "steps 0 -> 20" in res.output
+    model_dir = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000020"
+    assert (model_dir / "unet").is_dir()
+    res = invoke(*args, "--steps", 30)  # same run, more steps: continues from 20
+    assert res.exit_code == 0 and "steps 20 -> 30" in res.output, res.output
+    runs = Ledger(ws / "ledger.duckdb").runs(kind="train")
+    assert [r["stats"]["final_step"] for r in runs] == [30, 20]
+    model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000030"
+    res = invoke("sample", "-m", model, "-o", tmp_path / "grid.png", "--n", 4,
+                 "--inference-steps", 5, "--scale", 3)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "grid.png").size == (2 * 8 * 3, 2 * 8 * 3)
+    res = invoke("train", "-d", "digits", "--arch", "nope", "-w", ws)
+    assert res.exit_code == 2 and "unknown reference architecture" in res.output
+    res = invoke("sample", "-m", tmp_path / "missing", "-o", tmp_path / "x.png")
+    assert res.exit_code == 2

@@ -265,6 +265,114 @@ def scores(
     _print_top_scores(_settings(workspace), run_id, top)
 
 
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to train on.")],
+    name: Annotated[
+        str | None,
+        typer.Option(help="Model name under <workspace>/models [default: dataset-arch]."),
+    ] = None,
+    arch: Annotated[
+        str, typer.Option(help="Reference architecture: digits-8px | tiny.")
+    ] = "digits-8px",
+    prediction: Annotated[str, typer.Option(help="epsilon | v_prediction.")] = "epsilon",
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of init, batches, timesteps and noise.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 500,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train a reference diffusion model on an ingested dataset (resumes if re-run).
+
+    Checkpoints go to <workspace>/models/NAME/checkpoints/step-N/, each a complete model
+    directory that `diffcurate score --model` and `diffcurate sample --model` accept.
+    """
+    import time
+
+    settings = _settings(workspace)
+    from diffcurate.models.diffusion import ModelLoadError
+    from diffcurate.models.images import ImageLoadError, images_for_unet
+    from diffcurate.models.reference import SchedulerConfig, reference_model
+    from diffcurate.models.train import TrainConfig
+    from diffcurate.models.train import train as train_model
+    from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+    from diffcurate.storage.ledger import Ledger
+
+    name = name or f"{dataset}-{arch}"
+    try:
+        validate_dataset_name(dataset)
+        validate_dataset_name(name)
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            checkpoint_every=checkpoint_every, device=device,
+        )  # fmt: skip
+        model = reference_model(arch, seed, SchedulerConfig(prediction_type=prediction))
+        data = images_for_unet(LanceStore(settings.lancedb_uri), dataset, model.unet)
+    except (ValidationError, ValueError, KeyError, ImageLoadError) as e:
+        raise _fail(str(e)) from e
+    ledger = Ledger(settings.ledger_path)
+    run_id = ledger.start_run(
+        "train", dataset=dataset, source=arch,
+        params={"name": name, "arch": arch, "prediction": prediction, **config.model_dump()},
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        result = train_model(
+            model, data.pixels, config, checkpoint_dir=settings.models_dir / name / "checkpoints"
+        )
+    except (ValueError, FloatingPointError, ModelLoadError) as e:
+        ledger.finish_run(run_id, status="failed", error=repr(e))
+        raise _fail(str(e)) from e
+    tail = result.losses[-100:]
+    stats = {
+        "images": len(data.sample_ids), "start_step": result.start_step,
+        "final_step": result.final_step, "model": str(result.checkpoint),
+        "final_loss": sum(tail) / max(len(tail), 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    ledger.finish_run(run_id, status="completed", stats=stats)
+    out.print(
+        f"trained {arch} on {stats['images']} images: steps {result.start_step} -> "
+        f"{result.final_step}, final loss {stats['final_loss']:.4f}, {stats['seconds']} s\n"
+        f"model: {result.checkpoint}"
+    )
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write.")],
+    n: Annotated[int, typer.Option("--n", help="Images to generate.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed (image i uses (seed, i)).")] = 0,
+    sampler: Annotated[str, typer.Option(help="ddim | ddpm.")] = "ddim",
+    inference_steps: Annotated[
+        int | None, typer.Option(help="Denoising steps [default: 50 ddim, T ddpm].")
+    ] = None,
+    scale: Annotated[int, typer.Option(help="Upscale factor of the grid (nearest).")] = 8,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+) -> None:
+    """Generate images from a local model and save them as a PNG grid."""
+    from diffcurate.models.diffusion import ModelLoadError, load_diffusion_model
+    from diffcurate.models.sample import generate, save_grid
+
+    if sampler not in ("ddim", "ddpm"):
+        raise _fail(f"unknown --sampler {sampler!r}; use ddim or ddpm")
+    try:
+        loaded = load_diffusion_model(model)
+        if loaded.conditional:
+            raise ValueError("text-conditional models need caption embeddings; not supported here")
+        images = generate(
+            loaded, n, seed=seed, sampler=sampler, num_inference_steps=inference_steps,
+            device=device,
+        )  # fmt: skip
+    except (ModelLoadError, ValueError) as e:
+        raise _fail(str(e)) from e
+    path = save_grid(images, out_file, scale=scale)
+    out.print(f"wrote {n} samples to {path}")
+
+
 @app.command("demo-corpus")
 def demo_corpus(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the corpus into.")],
