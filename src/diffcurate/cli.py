@@ -168,8 +168,8 @@ def score(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to score.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
     scorer: Annotated[
-        str, typer.Option("--scorer", "-s", help="Risk signal: trace | divergence | loss.")
-    ] = "trace",
+        str, typer.Option("--scorer", "-s", help="Risk signal: divergence | trace | loss.")
+    ] = "divergence",
     timesteps: Annotated[
         str | None,
         typer.Option(help="Comma-separated timesteps [default: trace 20, divergence/loss 100]."),
@@ -188,8 +188,9 @@ def score(
 ) -> None:
     """Score every sample's memorization risk with one signal; writes the `scores` table.
 
-    Signals: `trace` (per-sample GGN curvature trace, seed 000), `divergence` (data-space
-    Jacobian trace), `loss` (low per-sample diffusion loss). High score = risky for all of them.
+    Signals: `divergence` (data-space Jacobian trace; the default: best recall of planted
+    duplicates in benchmarks/risk_signals.py), `trace` (per-sample GGN curvature trace, seed
+    000), `loss` (low per-sample diffusion loss). High score = risky for all of them.
     Re-running after a crash resumes the interrupted run without duplicating rows.
     """
     from diffcurate.influence.registry import ScorerSpec
