@@ -22,13 +22,13 @@ from typing import TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.ingest.sources import SourceFormat, open_source
 from diffcurate.models.clip_embedder import ClipEmbedder
-from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.validation import SampleBatchValidator
 from diffcurate.tasks.ingest import dedup, prepare_shard_task, write_shard
@@ -42,7 +42,7 @@ class IngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Path = Field(description="Folder, manifest file, or tar shard(s) to ingest.")
-    dataset: str = Field(description="Dataset name; part of every sample id.")
+    dataset: DatasetName = Field(description="Dataset name; part of every sample id.")
     workspace: Path = Field(Path("workspace"), description="Workspace directory.")
     format: SourceFormat = SourceFormat.AUTO
     image_column: str | None = None
@@ -51,11 +51,6 @@ class IngestParams(BaseModel):
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     progress: bool = Field(True, description="Show a progress bar when stderr is a terminal.")
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_name(cls, value: str) -> str:
-        return validate_dataset_name(value)
 
 
 class IngestSummary(BaseModel):

@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import ScorerSpec
-from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.schemas import SCORES
 from diffcurate.tasks.score import load_model, score_shard, write_scores
@@ -42,18 +42,13 @@ class ScoreParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="Dataset to score (as ingested).")
+    dataset: DatasetName = Field(description="Dataset to score (as ingested).")
     model: Path = Field(description="Local diffusers model directory (unet/ + scheduler/).")
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
     workspace: Path = Path("workspace")
     shard_size: int = Field(256, ge=1, description="Samples per shard (unit of commit/resume).")
     resume: bool = Field(True, description="Resume an interrupted run with the same fingerprint.")
     progress: bool = True
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_name(cls, value: str) -> str:
-        return validate_dataset_name(value)
 
 
 class ScoreSummary(BaseModel):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Annotated
 
 import lancedb
 import pyarrow as pa
+from pydantic import AfterValidator
 
 from diffcurate.storage.schemas import TABLES
 
@@ -31,6 +33,10 @@ def validate_dataset_name(name: str) -> str:
 def _literal(value: str) -> str:
     """A SQL string literal (quotes doubled), for Lance filter expressions."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+DatasetName = Annotated[str, AfterValidator(validate_dataset_name)]
+"""A dataset name, validated wherever it is a pydantic field (flow parameters, configs)."""
 
 
 class LanceStore:
