@@ -169,8 +169,8 @@ def score(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to score.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
     scorer: Annotated[
-        str, typer.Option("--scorer", "-s", help="Risk signal: divergence | trace | loss.")
-    ] = "divergence",
+        str, typer.Option("--scorer", "-s", help="Risk signal: loss | divergence | trace.")
+    ] = "loss",
     timesteps: Annotated[
         str | None,
         typer.Option(help="Comma-separated timesteps [default: trace 20, divergence/loss 100]."),
@@ -189,9 +189,9 @@ def score(
 ) -> None:
     """Score every sample's memorization risk with one signal; writes the `scores` table.
 
-    Signals: `divergence` (data-space Jacobian trace; the default: best recall of planted
-    duplicates in benchmarks/risk_signals.py), `trace` (per-sample GGN curvature trace, seed
-    000), `loss` (low per-sample diffusion loss). High score = risky for all of them.
+    Signals: `loss` (low per-sample diffusion loss; the default: best recall of planted
+    duplicates per unit cost in benchmarks/risk_signals.py), `divergence` (data-space Jacobian
+    trace), `trace` (per-sample GGN curvature trace, seed 000). High score = risky for all.
     Re-running after a crash resumes the interrupted run without duplicating rows.
     """
     from diffcurate.influence.registry import ScorerSpec
