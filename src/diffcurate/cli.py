@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs instead of keeping hard breaks
 )
 # soft_wrap: messages carry paths and ids that must stay copy-pastable; let terminals wrap.
 out = Console(soft_wrap=True)
@@ -272,7 +273,7 @@ def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to train on.")],
     name: Annotated[
         str | None,
-        typer.Option(help="Model name under <workspace>/models [default: dataset-arch]."),
+        typer.Option(help="Model name under WORKSPACE/models [default: DATASET-ARCH]."),
     ] = None,
     arch: Annotated[
         str, typer.Option(help="Reference architecture: digits-8px | tiny.")
@@ -288,7 +289,7 @@ def train(
 ) -> None:
     """Train a reference diffusion model on an ingested dataset (resumes if re-run).
 
-    Checkpoints go to <workspace>/models/NAME/checkpoints/step-N/, each a complete model
+    Checkpoints go to WORKSPACE/models/NAME/checkpoints/step-N/, each a complete model
     directory that `diffcurate score --model` and `diffcurate sample --model` accept.
     """
     import time
