@@ -13,7 +13,6 @@ Steps:
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,9 +22,9 @@ from typing import TypeVar
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffcurate.config import ClipSettings, IngestSettings
+from diffcurate.flows.progress import progress_bar
 from diffcurate.ingest.sources import SourceFormat, open_source
 from diffcurate.models.clip_embedder import ClipEmbedder
 from diffcurate.storage.lance_store import DatasetName, LanceStore
@@ -83,18 +82,6 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]ingest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        disable=not (enabled and sys.stderr.isatty()),
-        transient=False,
-    )
-
-
 @flow(name="ingest", validate_parameters=True)
 def ingest_flow(params: IngestParams) -> IngestSummary:
     """Ingest an image–caption source into the workspace's ``samples`` table."""
@@ -150,7 +137,7 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         except TypeError:
             total = None
         # 4. Shards.
-        with _progress(params.progress) as bar:
+        with progress_bar("ingest", params.progress, with_status=True) as bar:
             task_id = bar.add_task("ingest", total=total, status="")
             for shard_no, records in enumerate(_chunks(source, params.ingest.batch_size)):
                 # quote(): Prefect otherwise walks every element of every task argument on

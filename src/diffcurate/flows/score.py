@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +26,8 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from diffcurate.flows.progress import progress_bar
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.storage.lance_store import DatasetName, LanceStore
@@ -111,16 +110,6 @@ def _rows(result: ScoreResult, run_id: str, dataset: str, signal: str) -> pa.Tab
     )
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]score"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not (enabled and sys.stderr.isatty()),
-    )
-
-
 @flow(name="score", validate_parameters=True)
 def score_flow(params: ScoreParams) -> ScoreSummary:
     """Score every sample of a dataset with one risk signal; resumable."""
@@ -168,7 +157,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         todo = [i for i in ids if i not in done]
         summary.samples, summary.already_scored = len(ids), len(done)
         # 4. Shards.
-        with _progress(params.progress) as bar:
+        with progress_bar("score", params.progress) as bar:
             task = bar.add_task("score", total=len(ids), completed=len(done))
             for start in range(0, len(todo), params.shard_size):
                 shard = todo[start : start + params.shard_size]
