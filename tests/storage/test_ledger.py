@@ -4,7 +4,7 @@ import sys
 import duckdb
 import pytest
 
-from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.ledger import SCHEMA_VERSION, Ledger, LedgerVersionError
 
 
 def test_run_lifecycle_and_stats_roundtrip(tmp_path):
@@ -69,3 +69,125 @@ def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
     assert ledger.run(a)["status"] == "running" and ledger.run(a)["error"] is None
     with pytest.raises(ValueError, match="not an interrupted or failed run"):
         ledger.reopen_run(b)
+
+
+# Decision tables ---------------------------------------------------------------------------
+
+
+def test_version_1_ledger_is_upgraded_in_place_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "ledger.duckdb"
+    with duckdb.connect(str(path)) as con:  # a ledger as schema version 1 wrote it
+        con.execute("CREATE TABLE ledger_meta (name VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.execute("INSERT INTO ledger_meta VALUES ('schema_version', '1')")
+        con.execute(
+            "CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, dataset "
+            "VARCHAR, source VARCHAR, status VARCHAR NOT NULL, started_at TIMESTAMPTZ NOT NULL, "
+            "finished_at TIMESTAMPTZ, seconds DOUBLE, params JSON, stats JSON, error VARCHAR, "
+            "host VARCHAR NOT NULL, pid INTEGER NOT NULL)"
+        )
+        con.execute(
+            "INSERT INTO runs VALUES ('old-run', 'ingest', 'd', NULL, 'completed', now(), NULL, "
+            "NULL, '{}', '{}', NULL, 'h', 1)"
+        )
+    ledger = Ledger(path)
+    assert ledger.schema_version == SCHEMA_VERSION == 2
+    assert ledger.run("old-run")["kind"] == "ingest"
+    ledger.record_decision("d-candidate-1", action="reject", actor="a", role="approver")
+    assert len(ledger.decisions()) == 1
+
+
+def test_newer_ledger_is_refused(tmp_path):
+    path = tmp_path / "ledger.duckdb"
+    Ledger(path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE ledger_meta SET value = '99' WHERE name = 'schema_version'")
+    with pytest.raises(LedgerVersionError, match="schema version 99"):
+        Ledger(path)
+
+
+def test_audits_roundtrip_per_run(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    groups = {"f": {"n": 40, "removed": 2, "rate": 0.05}, "m": {"n": 60, "removed": 1}}
+    a1 = ledger.record_audit("run-1", dataset="d", attribute="gender", groups=groups,
+                             passed=False, summary={"four_fifths": 0.33})  # fmt: skip
+    ledger.record_audit("run-1", dataset="d", attribute="age", groups={}, passed=True)
+    ledger.record_audit("run-2", dataset="d", attribute="gender", groups={}, passed=True)
+    rows = ledger.audits("run-1")
+    assert [r["attribute"] for r in rows] == ["gender", "age"]
+    assert rows[0]["audit_id"] == a1
+    assert rows[0]["groups"] == groups and rows[0]["summary"] == {"four_fifths": 0.33}
+    assert rows[0]["passed"] is False and rows[1]["passed"] is True
+    assert rows[1]["summary"] == {}
+    assert len(ledger.audits()) == 3
+
+
+def test_gate_checks_roundtrip_with_policy_and_inputs(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    ledger.record_gate_check("gate-1", name="mem_pct", value_before=12.5, value_after=1.0,
+                             threshold=2.0, passed=True, policy_version="v3",
+                             inputs={"tau": 0.95, "canaries": ["a", "b"]})  # fmt: skip
+    ledger.record_gate_check("gate-1", name="fd", value_before=10.0, value_after=13.0,
+                             threshold=0.2, passed=False, policy_version="v3")  # fmt: skip
+    ledger.record_gate_check("gate-2", name="fd", passed=True, policy_version="v4")
+    rows = ledger.gate_checks("gate-1")
+    assert [(r["name"], r["passed"]) for r in rows] == [("mem_pct", True), ("fd", False)]
+    assert rows[0]["value_before"] == 12.5 and rows[0]["value_after"] == 1.0
+    assert rows[0]["threshold"] == 2.0 and rows[0]["policy_version"] == "v3"
+    assert rows[0]["inputs"] == {"tau": 0.95, "canaries": ["a", "b"]}
+    assert ledger.gate_checks("gate-2")[0]["value_before"] is None
+    # Queryable with plain DuckDB SQL.
+    with duckdb.connect(str(ledger.path), read_only=True) as con:
+        failed = con.execute(
+            "SELECT name, value_after / value_before - 1 FROM gate_checks WHERE NOT passed"
+        ).fetchall()
+    assert failed == [("fd", pytest.approx(0.3))]
+
+
+def _release(ledger, tag="d-candidate-1", n=1, kind="candidate"):
+    ledger.record_release(tag=tag, dataset="d", n=n, kind=kind, lance_table="release_d",
+                          lance_version=3, n_kept=2, n_removed=1,
+                          manifest={"kept_ids": ["a", "b"], "removed_ids": ["c"]},
+                          created_by="me")  # fmt: skip
+
+
+def test_releases_are_recorded_once_per_tag_and_per_n(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    _release(ledger)
+    _release(ledger, tag="d-release-1", kind="release")
+    with pytest.raises(ValueError, match="already recorded"):
+        _release(ledger)  # same tag
+    with pytest.raises(ValueError, match="already recorded"):
+        _release(ledger, tag="other-name", n=1)  # same (dataset, kind, n)
+    with pytest.raises(ValueError, match="unknown release kind"):
+        _release(ledger, tag="d-x-2", n=2, kind="draft")
+    rel = ledger.release("d-candidate-1")
+    assert rel["manifest"] == {"kept_ids": ["a", "b"], "removed_ids": ["c"]}
+    assert (rel["n"], rel["lance_version"], rel["n_kept"], rel["created_by"]) == (1, 3, 2, "me")
+    assert [r["tag"] for r in ledger.releases("d")] == ["d-candidate-1", "d-release-1"]
+    assert "manifest" not in ledger.releases()[0]
+    assert ledger.releases("d", with_manifest=True)[0]["manifest"]["removed_ids"] == ["c"]
+    assert ledger.releases("other") == []
+    with pytest.raises(KeyError, match="no release"):
+        ledger.release("nope")
+
+
+def test_decisions_are_append_only_and_attributed(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    ledger.record_decision("t1", action="override", actor="ann", role="approver", comment="ok")
+    ledger.record_decision("t1", action="approve", actor="ann", role="approver")
+    ledger.record_decision("t2", action="reject", actor="bob", role="approver", comment="no")
+    rows = ledger.decisions("t1")
+    assert [(r["action"], r["actor"], r["role"]) for r in rows] == [
+        ("override", "ann", "approver"),
+        ("approve", "ann", "approver"),
+    ]
+    assert rows[0]["comment"] == "ok" and rows[1]["comment"] == ""
+    assert rows[0]["created_at"] <= rows[1]["created_at"]
+    assert len(ledger.decisions()) == 3
+    with pytest.raises(ValueError, match="unknown decision"):
+        ledger.record_decision("t1", action="delete", actor="ann", role="approver")
+    with pytest.raises(ValueError, match="needs an actor"):
+        ledger.record_decision("t1", action="approve", actor=" ", role="approver")
+    # The API has no way to change or remove a decision.
+    assert not [m for m in dir(ledger) if m.startswith(("update", "delete", "remove"))]
+    assert len(ledger.decisions()) == 3

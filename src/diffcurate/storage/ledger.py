@@ -3,6 +3,10 @@
 The orchestrating process is the only writer (DuckDB allows one writing process per file), and
 it holds the file open only for the duration of each write so readers such as the dashboard are
 never locked out for a whole run. Bulk rows never go here; they go to LanceDB.
+
+Besides ``runs``, the ledger holds the decision tables: ``audits``, ``gate_checks``,
+``releases`` and ``decisions``. They are append-only: this class offers no method that updates
+or deletes their rows, and each row is timestamped (and, for decisions, attributed).
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: runs. 2: + audits, gate_checks, releases, decisions (additive; opening a version-1 ledger
+creates the new tables and bumps the stored version)."""
+
+RELEASE_KINDS = ("candidate", "release")
+DECISION_ACTIONS = ("approve", "reject", "override")
 
 _DDL = [
     """CREATE TABLE IF NOT EXISTS ledger_meta (name VARCHAR PRIMARY KEY, value VARCHAR)""",
@@ -38,7 +47,57 @@ _DDL = [
         host        VARCHAR NOT NULL,
         pid         INTEGER NOT NULL
     )""",
+    # Version 2: decision tables, append-only.
+    """CREATE TABLE IF NOT EXISTS audits (
+        audit_id    VARCHAR PRIMARY KEY,
+        run_id      VARCHAR NOT NULL,
+        dataset     VARCHAR NOT NULL,
+        attribute   VARCHAR NOT NULL,      -- the group attribute audited (metadata column, ...)
+        groups      JSON NOT NULL,         -- per-group statistics
+        summary     JSON NOT NULL,         -- overall statistics (ratios, p-values, effect size)
+        passed      BOOLEAN NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS gate_checks (
+        check_id       VARCHAR PRIMARY KEY,
+        run_id         VARCHAR NOT NULL,
+        name           VARCHAR NOT NULL,   -- mem_pct | fd | kid | audit | ...
+        value_before   DOUBLE,
+        value_after    DOUBLE,
+        threshold      DOUBLE,
+        passed         BOOLEAN NOT NULL,
+        policy_version VARCHAR NOT NULL,
+        inputs         JSON NOT NULL,
+        created_at     TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS releases (
+        tag           VARCHAR PRIMARY KEY,  -- <dataset>-candidate-<n> | <dataset>-release-<n>
+        dataset       VARCHAR NOT NULL,
+        n             INTEGER NOT NULL,
+        kind          VARCHAR NOT NULL,     -- candidate | release
+        lance_table   VARCHAR NOT NULL,
+        lance_version BIGINT NOT NULL,
+        n_kept        BIGINT NOT NULL,
+        n_removed     BIGINT NOT NULL,
+        manifest      JSON NOT NULL,
+        created_at    TIMESTAMPTZ NOT NULL,
+        created_by    VARCHAR NOT NULL,
+        UNIQUE (dataset, kind, n)
+    )""",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        decision_id VARCHAR PRIMARY KEY,
+        tag         VARCHAR NOT NULL,      -- the candidate tag decided on
+        action      VARCHAR NOT NULL,      -- approve | reject | override
+        actor       VARCHAR NOT NULL,
+        role        VARCHAR NOT NULL,
+        comment     VARCHAR NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL
+    )""",
 ]
+
+
+class LedgerVersionError(RuntimeError):
+    """The ledger file was written by a newer diffcurate with a schema this one does not know."""
 
 
 def _now() -> datetime:
@@ -62,12 +121,25 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
-            for stmt in _DDL:
+            con.execute(_DDL[0])
+            row = con.execute(
+                "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
+            ).fetchone()
+            stored = None if row is None else int(row[0])
+            if stored is not None and stored > SCHEMA_VERSION:
+                raise LedgerVersionError(
+                    f"{self.path} has ledger schema version {stored}; this diffcurate knows "
+                    f"versions up to {SCHEMA_VERSION}: upgrade diffcurate to use it"
+                )
+            # Every migration is additive (CREATE TABLE IF NOT EXISTS), so replaying the DDL
+            # upgrades an older ledger in place.
+            for stmt in _DDL[1:]:
                 con.execute(stmt)
-            con.execute(
-                "INSERT OR IGNORE INTO ledger_meta VALUES ('schema_version', ?)",
-                [str(SCHEMA_VERSION)],
-            )
+            if stored != SCHEMA_VERSION:
+                con.execute(
+                    "INSERT OR REPLACE INTO ledger_meta VALUES ('schema_version', ?)",
+                    [str(SCHEMA_VERSION)],
+                )
 
     @contextmanager
     def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -167,6 +239,14 @@ class Ledger:
         if not updated:
             raise ValueError(f"run {run_id!r} is not an interrupted or failed run")
 
+    @property
+    def schema_version(self) -> int:
+        with self._connect(read_only=True) as con:
+            row = con.execute(
+                "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
+            ).fetchone()
+        return int(row[0])
+
     def runs(self, kind: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, as dicts with ``params``/``stats`` decoded."""
         query = "SELECT * FROM runs WHERE 1=1"
@@ -192,3 +272,188 @@ class Ledger:
         if not matches:
             raise KeyError(f"no run {run_id!r} in {self.path}")
         return matches[0]
+
+    # Decision tables (append-only) ------------------------------------------------------
+
+    def _select(
+        self, query: str, args: list[Any], json_fields: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        with self._connect(read_only=True) as con:
+            cur = con.execute(query, args)
+            cols = [d[0] for d in cur.description]
+            rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            for field in json_fields:
+                if field in row:
+                    row[field] = json.loads(row[field]) if row[field] else {}
+        return rows
+
+    def record_audit(
+        self,
+        run_id: str,
+        *,
+        dataset: str,
+        attribute: str,
+        groups: dict[str, Any],
+        passed: bool,
+        summary: dict[str, Any] | None = None,
+    ) -> str:
+        """Record one attribute's fairness audit of a run; returns the audit id.
+
+        Args:
+            groups: Per-group statistics, e.g. ``{"female": {"n": 40, "removed": 2}}``.
+            summary: Overall statistics (four-fifths ratio, p-values, Cramér's V, ...).
+        """
+        audit_id = f"audit-{uuid.uuid4().hex}"
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO audits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    audit_id,
+                    run_id,
+                    dataset,
+                    attribute,
+                    _json(groups),
+                    _json(summary or {}),
+                    bool(passed),
+                    _now(),
+                ],
+            )
+        return audit_id
+
+    def audits(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit rows (of one run, or all), oldest first, with JSON fields decoded."""
+        query, args = "SELECT * FROM audits", []
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", [run_id]
+        return self._select(query + " ORDER BY created_at, audit_id", args, ("groups", "summary"))
+
+    def record_gate_check(
+        self,
+        run_id: str,
+        *,
+        name: str,
+        passed: bool,
+        policy_version: str,
+        value_before: float | None = None,
+        value_after: float | None = None,
+        threshold: float | None = None,
+        inputs: dict[str, Any] | None = None,
+    ) -> str:
+        """Record one gate check with the policy version that decided it; returns its id."""
+        check_id = f"check-{uuid.uuid4().hex}"
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO gate_checks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    check_id,
+                    run_id,
+                    name,
+                    _float(value_before),
+                    _float(value_after),
+                    _float(threshold),
+                    bool(passed),
+                    policy_version,
+                    _json(inputs or {}),
+                    _now(),
+                ],
+            )
+        return check_id
+
+    def gate_checks(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Gate-check rows (of one run, or all), oldest first, with ``inputs`` decoded."""
+        query, args = "SELECT * FROM gate_checks", []
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", [run_id]
+        return self._select(query + " ORDER BY created_at, check_id", args, ("inputs",))
+
+    def record_release(
+        self,
+        *,
+        tag: str,
+        dataset: str,
+        n: int,
+        kind: str,
+        lance_table: str,
+        lance_version: int,
+        n_kept: int,
+        n_removed: int,
+        manifest: dict[str, Any],
+        created_by: str,
+    ) -> None:
+        """Record a candidate or release tag. A tag, and a (dataset, kind, n), is recorded once:
+        a second record raises ``ValueError``."""
+        if kind not in RELEASE_KINDS:
+            raise ValueError(f"unknown release kind {kind!r}; use one of {RELEASE_KINDS}")
+        try:
+            with self._connect() as con:
+                con.execute(
+                    "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        tag,
+                        dataset,
+                        int(n),
+                        kind,
+                        lance_table,
+                        int(lance_version),
+                        int(n_kept),
+                        int(n_removed),
+                        _json(manifest),
+                        _now(),
+                        created_by,
+                    ],
+                )
+        except duckdb.ConstraintException as e:
+            raise ValueError(
+                f"release {tag!r} ({dataset} {kind} {n}) is already recorded: {e}"
+            ) from e
+
+    def releases(
+        self, dataset: str | None = None, *, with_manifest: bool = False
+    ) -> list[dict[str, Any]]:
+        """Release rows, oldest first; manifests (which list every id) only when asked."""
+        cols = "*" if with_manifest else "* EXCLUDE (manifest)"
+        query, args = f"SELECT {cols} FROM releases", []
+        if dataset is not None:
+            query, args = query + " WHERE dataset = ?", [dataset]
+        return self._select(query + " ORDER BY created_at, kind, n", args, ("manifest",))
+
+    def release(self, tag: str) -> dict[str, Any]:
+        """One release row with its manifest decoded; ``KeyError`` if the tag is unknown."""
+        rows = self._select("SELECT * FROM releases WHERE tag = ?", [tag], ("manifest",))
+        if not rows:
+            raise KeyError(f"no release or candidate tagged {tag!r} in {self.path}")
+        return rows[0]
+
+    def record_decision(
+        self, tag: str, *, action: str, actor: str, role: str, comment: str = ""
+    ) -> str:
+        """Append an attributed, timestamped decision on a tag; returns its id."""
+        if action not in DECISION_ACTIONS:
+            raise ValueError(f"unknown decision {action!r}; use one of {DECISION_ACTIONS}")
+        if not actor.strip():
+            raise ValueError("a decision needs an actor")
+        if not role.strip():
+            raise ValueError("a decision needs a role")
+        decision_id = f"decision-{uuid.uuid4().hex}"
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [decision_id, tag, action, actor, role, comment, _now()],
+            )
+        return decision_id
+
+    def decisions(self, tag: str | None = None) -> list[dict[str, Any]]:
+        """Decisions (on one tag, or all), oldest first."""
+        query, args = "SELECT * FROM decisions", []
+        if tag is not None:
+            query, args = query + " WHERE tag = ?", [tag]
+        return self._select(query + " ORDER BY created_at, decision_id", args)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
