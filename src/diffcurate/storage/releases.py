@@ -1,0 +1,425 @@
+"""Releases: tagged LanceDB table versions of the samples a hygiene run kept.
+
+Each dataset has its own Lance table ``release_<dataset>`` (``samples`` schema). A candidate
+overwrites that table with exactly the kept rows (one Lance commit: a new version; older
+versions stay readable) and tags the version ``<dataset>-candidate-<n>``. Approval tags the same
+version ``<dataset>-release-<n>`` (same ``n``: a release names the candidate it came from).
+``samples`` is only read, never written: nothing is deleted from it.
+
+Immutability: this module only ever *creates* Lance tags (never updates or deletes one), and Lance
+refuses to create a tag whose name exists. Tagged versions are exempt from Lance's version
+cleanup. Each tag's version is also recorded in the ledger, so :func:`verify` detects a tag moved
+behind diffcurate's back (e.g. with Lance's own ``tags.update``).
+
+The ledger holds, per tag, the manifest (JSON, queryable with DuckDB: kept/removed ids, the
+``samples`` version read, and whatever the hygiene flow adds: run ids, audit and gate
+summaries) and the append-only decisions (approve / reject / override), attributed to an actor
+and role. A candidate is decided once: approved (then released) or rejected.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.schemas import SAMPLES
+
+APPROVER = "approver"
+_TAG = re.compile(r"^(?P<dataset>.+)-(?P<kind>candidate|release)-(?P<n>[1-9][0-9]*)$")
+# Manifest keys written here; the caller's manifest may not set them.
+_RESERVED = frozenset(
+    {"dataset", "tag", "n", "lance_table", "lance_version", "kept_ids", "removed_ids",
+     "n_kept", "n_removed", "samples_version", "created_at", "created_by"}
+)  # fmt: skip
+_READ_BATCH = 1024
+
+Status = Literal["pending", "approved", "rejected", "released"]
+
+
+class ReleaseError(Exception):
+    """A release operation was refused (the message says why); nothing was changed."""
+
+
+class ReleaseNotFound(ReleaseError):
+    """No candidate or release has this tag."""
+
+
+class ReleaseIntegrityError(ReleaseError):
+    """A Lance tag and the ledger disagree (a tag was moved, deleted or its rows differ)."""
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """One candidate or release tag as recorded in the ledger."""
+
+    tag: str
+    dataset: str
+    n: int
+    kind: Literal["candidate", "release"]
+    lance_table: str
+    lance_version: int
+    n_kept: int
+    n_removed: int
+    created_at: datetime
+    created_by: str
+    status: Status
+    """candidate: pending | approved | rejected; release: released."""
+
+    @classmethod
+    def _from_row(cls, row: dict[str, Any], status: Status) -> ReleaseInfo:
+        return cls(
+            tag=row["tag"], dataset=row["dataset"], n=int(row["n"]), kind=row["kind"],
+            lance_table=row["lance_table"], lance_version=int(row["lance_version"]),
+            n_kept=int(row["n_kept"]), n_removed=int(row["n_removed"]),
+            created_at=row["created_at"], created_by=row["created_by"], status=status,
+        )  # fmt: skip
+
+
+def release_table_name(dataset: str) -> str:
+    return f"release_{validate_dataset_name(dataset)}"
+
+
+def candidate_tag(dataset: str, n: int) -> str:
+    return f"{dataset}-candidate-{n}"
+
+
+def release_tag(dataset: str, n: int) -> str:
+    return f"{dataset}-release-{n}"
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _status(kind: str, decisions: Sequence[dict[str, Any]]) -> Status:
+    if kind == "release":
+        return "released"
+    actions = {d["action"] for d in decisions}
+    if "approve" in actions:
+        return "approved"
+    if "reject" in actions:
+        return "rejected"
+    return "pending"
+
+
+def _open_release_table(store: LanceStore, dataset: str):
+    name = release_table_name(dataset)
+    if name in store.db.list_tables().tables:
+        return store.db.open_table(name)
+    return store.db.create_table(name, schema=SAMPLES, exist_ok=True)
+
+
+def _lance_tags(table) -> dict[str, int]:
+    return {tag: int(info["version"]) for tag, info in table.tags.list().items()}
+
+
+def _next_n(store: LanceStore, ledger: Ledger, dataset: str) -> int:
+    """One more than any n used for this dataset, in the ledger or (after a crash between the
+    Lance tag and the ledger record) in Lance: an n is never reused."""
+    used = [int(r["n"]) for r in ledger.releases(dataset)]
+    name = release_table_name(dataset)
+    if name in store.db.list_tables().tables:
+        for tag in _lance_tags(store.db.open_table(name)):
+            m = _TAG.match(tag)
+            if m and m["dataset"] == dataset:
+                used.append(int(m["n"]))
+    return max(used, default=0) + 1
+
+
+def _unique(ids: Iterable[str], what: str) -> list[str]:
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ReleaseError(f"{what} ids repeat: {dup}")
+    return ids
+
+
+def create_candidate(
+    store: LanceStore,
+    ledger: Ledger,
+    dataset: str,
+    kept_ids: Iterable[str],
+    removed_ids: Iterable[str],
+    manifest: dict[str, Any] | None = None,
+    *,
+    created_by: str | None = None,
+) -> ReleaseInfo:
+    """Write the kept samples as a new version of ``release_<dataset>`` and tag it a candidate.
+
+    ``kept_ids`` and ``removed_ids`` must partition the dataset's samples (every sample is
+    accounted for, none twice), so the manifest says what happened to each. ``manifest`` adds
+    the provenance (run ids, audit and gate summaries); a ``gate_passed: false`` entry makes
+    :func:`approve` require an explicit override.
+
+    Raises:
+        ReleaseError: ids that are unknown, repeated, overlapping or incomplete; nothing kept;
+            a manifest key that this function writes itself.
+    """
+    validate_dataset_name(dataset)
+    extra = dict(manifest or {})
+    if clash := sorted(_RESERVED & set(extra)):
+        raise ReleaseError(f"manifest keys {clash} are written by create_candidate itself")
+    kept = _unique(kept_ids, "kept")
+    removed = _unique(removed_ids, "removed")
+    if both := sorted(set(kept) & set(removed))[:5]:
+        raise ReleaseError(f"ids both kept and removed: {both}")
+    if not kept:
+        raise ReleaseError(f"nothing kept: refusing an empty candidate release of {dataset!r}")
+
+    # Pin the samples version: validation and copy read the same snapshot.
+    samples = store.table("samples").to_lance()
+    samples_version = int(samples.version)
+    where = f"dataset = '{dataset}'"  # validated name: no quotes
+    all_ids = set(samples.to_table(columns=["sample_id"], filter=where)["sample_id"].to_pylist())
+    if not all_ids:
+        raise ReleaseError(f"dataset {dataset!r} has no samples")
+    if unknown := sorted((set(kept) | set(removed)) - all_ids):
+        raise ReleaseError(f"{len(unknown)} ids are not samples of {dataset!r}, e.g. {unknown[:5]}")
+    if missing := sorted(all_ids - set(kept) - set(removed)):
+        raise ReleaseError(
+            f"{len(missing)} samples of {dataset!r} are neither kept nor removed, e.g. "
+            f"{missing[:5]}: pass every sample id in one of the two lists"
+        )
+
+    n = _next_n(store, ledger, dataset)
+    tag = candidate_tag(dataset, n)
+    actor = created_by or _default_actor()
+    table = _open_release_table(store, dataset)
+    if tag in _lance_tags(table):  # _next_n saw every tag; only a concurrent writer gets here
+        raise ReleaseError(f"tag {tag!r} already exists on {table.name}")
+    keep = pa.array(kept, pa.string())
+
+    def kept_batches() -> Iterator[pa.RecordBatch]:  # memory bounded by the batch size
+        for batch in samples.to_batches(filter=where, batch_size=_READ_BATCH):
+            mask = pc.is_in(batch.column("sample_id"), value_set=keep)
+            yield batch.filter(mask).select(SAMPLES.names).cast(SAMPLES)
+
+    # One Lance overwrite commit: a new version holding only the kept rows. Written through
+    # Lance, not lancedb's `add`, which re-infers the schema on overwrite (it would turn the
+    # variable-length embedding lists into fixed-size vectors).
+    ds = table.to_lance()
+    ds.insert(pa.RecordBatchReader.from_batches(SAMPLES, kept_batches()), mode="overwrite")
+    version = int(ds.version)
+    written = ds.count_rows()
+    if written != len(kept):  # the partition check above makes this unreachable
+        raise ReleaseIntegrityError(f"wrote {written} rows for {len(kept)} kept ids")
+    ds.tags.create(tag, version)
+
+    created_at = datetime.now(UTC)
+    full = {
+        **extra,
+        "dataset": dataset, "tag": tag, "n": n, "lance_table": table.name,
+        "lance_version": version, "samples_version": samples_version,
+        "n_kept": len(kept), "n_removed": len(removed),
+        "kept_ids": sorted(kept), "removed_ids": sorted(removed),
+        "created_at": created_at.isoformat(), "created_by": actor,
+    }  # fmt: skip
+    ledger.record_release(
+        tag=tag, dataset=dataset, n=n, kind="candidate", lance_table=table.name,
+        lance_version=version, n_kept=len(kept), n_removed=len(removed), manifest=full,
+        created_by=actor,
+    )  # fmt: skip
+    return show(ledger, tag)
+
+
+def _row(ledger: Ledger, tag: str) -> dict[str, Any]:
+    try:
+        return ledger.release(tag)
+    except KeyError:
+        raise ReleaseNotFound(f"no candidate or release tagged {tag!r}") from None
+
+
+def _candidate(ledger: Ledger, tag: str) -> dict[str, Any]:
+    row = _row(ledger, tag)
+    if row["kind"] != "candidate":
+        raise ReleaseError(
+            f"{tag!r} is a release, not a candidate: decisions are taken on candidates "
+            f"({candidate_tag(row['dataset'], row['n'])})"
+        )
+    return row
+
+
+def _check_role(role: str) -> None:
+    if role != APPROVER:
+        raise ReleaseError(f"only the {APPROVER!r} role may approve or reject (got {role!r})")
+
+
+def approve(
+    store: LanceStore,
+    ledger: Ledger,
+    tag: str,
+    actor: str,
+    comment: str = "",
+    *,
+    role: str = APPROVER,
+    override: bool = False,
+) -> ReleaseInfo:
+    """Approve a pending candidate: tag its version ``<dataset>-release-<n>``, immutably.
+
+    A candidate whose manifest says ``gate_passed: false`` needs ``override=True`` and a
+    comment; the override is recorded as its own decision before the approval.
+
+    Raises:
+        ReleaseNotFound: unknown tag.
+        ReleaseError: not a candidate, already approved or rejected, failed gate without
+            override, the release tag already exists, or a role other than approver.
+        ReleaseIntegrityError: the candidate's Lance tag no longer points at its version.
+    """
+    _check_role(role)
+    row = _candidate(ledger, tag)
+    decisions = ledger.decisions(tag)
+    status = _status("candidate", decisions)
+    if status != "pending":
+        raise ReleaseError(f"{tag!r} is already {status}; a candidate is decided once")
+    dataset, n, version = row["dataset"], int(row["n"]), int(row["lance_version"])
+    final = release_tag(dataset, n)
+    if row["manifest"].get("gate_passed") is False and not override:
+        raise ReleaseError(
+            f"{tag!r} failed its gates; approving it needs an explicit override with a comment"
+        )
+    if override and not comment.strip():
+        raise ReleaseError("an override needs a comment saying why")
+    table = store.db.open_table(row["lance_table"])
+    tags = _lance_tags(table)
+    if tags.get(tag) != version:
+        raise ReleaseIntegrityError(
+            f"candidate tag {tag!r} points at version {tags.get(tag)} of {row['lance_table']}, "
+            f"the ledger recorded {version}: refusing to release it"
+        )
+    if final not in tags:
+        try:
+            table.tags.create(final, version)  # Lance refuses an existing name: never a move
+        except RuntimeError as e:
+            raise ReleaseError(f"cannot create release tag {final!r}: {e}") from e
+    elif tags[final] != version:
+        raise ReleaseIntegrityError(
+            f"release tag {final!r} already exists at version {tags[final]}, not the "
+            f"candidate's {version}; tags are never moved"
+        )
+    # else: an approval interrupted after tagging this very version; finish recording it.
+    if override:
+        ledger.record_decision(tag, action="override", actor=actor, role=role, comment=comment)
+    ledger.record_decision(tag, action="approve", actor=actor, role=role, comment=comment)
+    manifest = {
+        **row["manifest"], "tag": final, "candidate": tag, "approved_by": actor,
+        "approval_comment": comment, "override": override,
+    }  # fmt: skip
+    ledger.record_release(
+        tag=final, dataset=dataset, n=n, kind="release", lance_table=row["lance_table"],
+        lance_version=version, n_kept=row["n_kept"], n_removed=row["n_removed"],
+        manifest=manifest, created_by=actor,
+    )  # fmt: skip
+    return show(ledger, final)
+
+
+def reject(
+    store: LanceStore,
+    ledger: Ledger,
+    tag: str,
+    actor: str,
+    comment: str = "",
+    *,
+    role: str = APPROVER,
+) -> ReleaseInfo:
+    """Reject a pending candidate: records the decision; no release tag is ever created."""
+    _check_role(role)
+    row = _candidate(ledger, tag)
+    status = _status("candidate", ledger.decisions(tag))
+    if status != "pending":
+        raise ReleaseError(f"{tag!r} is already {status}; a candidate is decided once")
+    final = release_tag(row["dataset"], int(row["n"]))
+    if final in _lance_tags(store.db.open_table(row["lance_table"])):
+        raise ReleaseIntegrityError(
+            f"{final!r} exists in Lance (an interrupted approval?): approve {tag!r} to finish "
+            "it; a release tag is never deleted"
+        )
+    ledger.record_decision(tag, action="reject", actor=actor, role=role, comment=comment)
+    return show(ledger, tag)
+
+
+def show(ledger: Ledger, tag: str) -> ReleaseInfo:
+    row = _row(ledger, tag)
+    decisions = ledger.decisions(row["manifest"].get("candidate", tag))
+    return ReleaseInfo._from_row(row, _status(row["kind"], decisions))
+
+
+def list_releases(ledger: Ledger, dataset: str | None = None) -> list[ReleaseInfo]:
+    """Candidates and releases, oldest first, with their status."""
+    decided: dict[str, list[dict[str, Any]]] = {}
+    for d in ledger.decisions():
+        decided.setdefault(d["tag"], []).append(d)
+    return [
+        ReleaseInfo._from_row(r, _status(r["kind"], decided.get(r["tag"], [])))
+        for r in ledger.releases(dataset)
+    ]
+
+
+def show_release(ledger: Ledger, tag: str) -> dict[str, Any]:
+    """A tag's ledger record: ``info``, ``manifest`` and the candidate's ``decisions``."""
+    row = _row(ledger, tag)
+    candidate = row["manifest"].get("candidate", tag)
+    decisions = ledger.decisions(candidate)
+    return {
+        "info": ReleaseInfo._from_row(row, _status(row["kind"], decisions)),
+        "manifest": row["manifest"],
+        "decisions": decisions,
+    }
+
+
+def manifest_ids(ledger: Ledger, tag: str) -> dict[str, list[str]]:
+    """``{"kept": [...], "removed": [...]}``, sorted, read from the manifest with DuckDB SQL."""
+    _row(ledger, tag)
+    with ledger._connect(read_only=True) as con:
+        kept, removed = con.execute(
+            "SELECT from_json(manifest->'kept_ids', '[\"VARCHAR\"]'), "
+            "from_json(manifest->'removed_ids', '[\"VARCHAR\"]') FROM releases WHERE tag = ?",
+            [tag],
+        ).fetchone()
+    return {"kept": sorted(kept or []), "removed": sorted(removed or [])}
+
+
+def checkout(
+    store: LanceStore, ledger: Ledger, tag: str, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of a tagged version (read through the Lance tag, checked against the ledger)."""
+    row = _row(ledger, tag)
+    ds = _checked_out(store, row)
+    return ds.to_table(columns=columns)
+
+
+def _checked_out(store: LanceStore, row: dict[str, Any]):
+    tag, name = row["tag"], row["lance_table"]
+    if name not in store.db.list_tables().tables:
+        raise ReleaseIntegrityError(f"{tag!r}: Lance table {name} is missing")
+    table = store.db.open_table(name)
+    tags = _lance_tags(table)
+    if tag not in tags:
+        raise ReleaseIntegrityError(f"{tag!r} is recorded in the ledger but has no Lance tag")
+    if tags[tag] != int(row["lance_version"]):
+        raise ReleaseIntegrityError(
+            f"{tag!r} points at version {tags[tag]} of {name}; the ledger recorded "
+            f"{row['lance_version']}: the tag was moved outside diffcurate"
+        )
+    return table.to_lance().checkout_version(tag)
+
+
+def verify(store: LanceStore, ledger: Ledger, tag: str) -> None:
+    """Check a tag against the ledger: the Lance tag exists, points at the recorded version,
+    and that version holds exactly the manifest's kept ids. Raises ReleaseIntegrityError."""
+    row = _row(ledger, tag)
+    ds = _checked_out(store, row)
+    ids = ds.to_table(columns=["sample_id"])["sample_id"].to_pylist()
+    if sorted(ids) != manifest_ids(ledger, tag)["kept"]:
+        raise ReleaseIntegrityError(f"{tag!r}: the tagged rows differ from the manifest")
