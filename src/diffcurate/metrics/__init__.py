@@ -1,0 +1,9 @@
+"""Measurements behind the hygiene run's decisions: pure numpy/scipy/fairlearn, no storage.
+
+- :mod:`~diffcurate.metrics.audit`: is a removal set fair across group attributes?
+- :mod:`~diffcurate.metrics.memorization`: how many secret images does a model reproduce (Mem%)?
+- :mod:`~diffcurate.metrics.utility`: did pruning cost image quality (Fréchet distance, KID)?
+
+Flows and tasks call these functions and write their results to the ledger; nothing here reads or
+writes LanceDB or DuckDB, so every number can be recomputed in a test.
+"""
