@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffcurate.config import Settings, load_settings
+from diffcurate.release_cli import release_app
 
 app = typer.Typer(
     name="diffcurate",
@@ -487,6 +488,9 @@ def config(workspace: WorkspaceOpt = None) -> None:
     """Print the effective configuration (after environment and diffcurate.toml)."""
     settings = _settings(workspace)
     out.print_json(settings.model_dump_json())
+
+
+app.add_typer(release_app, name="release", help="List, show, approve or reject candidate releases.")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,205 @@
+"""``diffcurate release ...``: list, inspect, approve and reject candidate releases.
+
+Exit codes: 0 done; 2 refused (unknown tag, already decided, failed gates without
+``--override``, bad configuration), with the reason on stderr; 1 from ``show`` when a tag no
+longer matches the ledger. Heavy imports (lancedb) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Column, Table
+
+release_app = typer.Typer(
+    help="Candidate releases: tagged LanceDB versions of kept samples, awaiting approval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
+        show_default=False,
+    ),
+]
+ActorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--actor", envvar="USER", help="Who decides [default: $USER].", show_default=False
+    ),
+]
+CommentOpt = Annotated[str, typer.Option("--comment", "-c", help="Why (kept in the ledger).")]
+# Manifest keys the `show` table prints in its own rows.
+_SHOWN = frozenset(
+    {"dataset", "tag", "n", "lance_table", "lance_version", "n_kept", "n_removed",
+     "created_at", "created_by"}
+)  # fmt: skip
+TagArg = Annotated[str, typer.Argument(help="A candidate tag, e.g. digits-candidate-1.")]
+
+
+def _open(workspace: Path | None):
+    """Store and ledger of the workspace (settings and errors as in the main CLI)."""
+    from diffcurate.cli import _settings
+    from diffcurate.storage.lance_store import LanceStore
+    from diffcurate.storage.ledger import Ledger
+
+    settings = _settings(workspace)
+    return LanceStore(settings.lancedb_uri), Ledger(settings.ledger_path)
+
+
+def _refuse(e: Exception) -> typer.Exit:
+    from diffcurate.cli import _fail
+
+    return _fail(str(e), code=2)
+
+
+def _info_dict(info) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(info)
+
+
+@release_app.command("list")
+def list_(
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """List candidates and releases, oldest first, with their status."""
+    from diffcurate.cli import out
+    from diffcurate.storage import releases as rel
+
+    _, ledger = _open(workspace)
+    infos = rel.list_releases(ledger, dataset)
+    if as_json:
+        out.print_json(json.dumps([_info_dict(i) for i in infos], default=str))
+        return
+    if not infos:
+        out.print("no candidate releases yet")
+        return
+    # Tags are copied into commands: never wrap them.
+    t = Table(Column("tag", no_wrap=True), "status", "kept", "removed", "version", "created", "by")
+    for i in infos:
+        t.add_row(i.tag, i.status, str(i.n_kept), str(i.n_removed), str(i.lance_version),
+                  f"{i.created_at:%Y-%m-%d %H:%M}", i.created_by)  # fmt: skip
+    out.print(t)
+
+
+@release_app.command()
+def show(
+    tag: Annotated[str, typer.Argument(help="A candidate or release tag.")],
+    ids: Annotated[bool, typer.Option("--ids", help="Also print kept and removed ids.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Show a tag's manifest (runs, audit, gates), its decisions, and check the Lance tag."""
+    from diffcurate.cli import err, out
+    from diffcurate.storage import releases as rel
+
+    store, ledger = _open(workspace)
+    try:
+        shown = rel.show_release(ledger, tag)
+    except rel.ReleaseError as e:
+        raise _refuse(e) from e
+    try:
+        rel.verify(store, ledger, tag)
+        problem = None
+    except rel.ReleaseError as e:
+        problem = str(e)
+    manifest = dict(shown["manifest"])
+    if not ids:
+        manifest.pop("kept_ids", None)
+        manifest.pop("removed_ids", None)
+    if as_json:
+        doc = {
+            "info": _info_dict(shown["info"]),
+            "manifest": manifest,
+            "decisions": shown["decisions"],
+            "intact": problem is None,
+            "problem": problem,
+        }
+        out.print_json(json.dumps(doc, default=str))
+    else:
+        info = shown["info"]
+        t = Table(title=f"{info.kind} {info.tag}", show_header=False)
+        t.add_row("status", info.status)
+        t.add_row("dataset", info.dataset)
+        t.add_row("kept / removed", f"{info.n_kept} / {info.n_removed}")
+        t.add_row("lance", f"{info.lance_table} version {info.lance_version}")
+        t.add_row("created", f"{info.created_at:%Y-%m-%d %H:%M:%S} by {info.created_by}")
+        t.add_row("tag check", "ok" if problem is None else f"[red]{problem}[/red]")
+        for key, value in manifest.items():  # provenance: runs, audit, gates, samples version
+            if key not in _SHOWN:
+                t.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        out.print(t)
+        d = Table("when", "action", "actor", "role", "comment", title="decisions")
+        for row in shown["decisions"]:
+            d.add_row(f"{row['created_at']:%Y-%m-%d %H:%M:%S}", row["action"], row["actor"],
+                      row["role"], row["comment"])  # fmt: skip
+        out.print(d if shown["decisions"] else "no decisions yet")
+    if problem is not None:
+        err.print(f"[red]error:[/red] {problem}")
+        raise typer.Exit(1)
+
+
+def _actor(actor: str | None) -> str:
+    from diffcurate.cli import _fail
+
+    if not actor or not actor.strip():
+        raise _fail("no --actor given and $USER is unset: say who decides")
+    return actor.strip()
+
+
+@release_app.command()
+def approve(
+    tag: TagArg,
+    actor: ActorOpt = None,
+    comment: CommentOpt = "",
+    override: Annotated[
+        bool, typer.Option("--override", help="Approve despite failed gates (needs --comment).")
+    ] = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Approve a pending candidate: tag its version `DATASET-release-N` (immutable)."""
+    from diffcurate.cli import out
+    from diffcurate.storage import releases as rel
+
+    who = _actor(actor)
+    store, ledger = _open(workspace)
+    try:
+        info = rel.approve(store, ledger, tag, who, comment, override=override)
+    except rel.ReleaseError as e:
+        raise _refuse(e) from e
+    out.print(
+        f"approved {tag} by {who}: released as {info.tag} "
+        f"({info.lance_table} version {info.lance_version}, {info.n_kept} samples)"
+    )
+
+
+@release_app.command()
+def reject(
+    tag: TagArg,
+    actor: ActorOpt = None,
+    comment: CommentOpt = "",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Reject a pending candidate; it is never released."""
+    from diffcurate.cli import out
+    from diffcurate.storage import releases as rel
+
+    who = _actor(actor)
+    store, ledger = _open(workspace)
+    try:
+        rel.reject(store, ledger, tag, who, comment)
+    except rel.ReleaseError as e:
+        raise _refuse(e) from e
+    out.print(f"rejected {tag} by {who}")
