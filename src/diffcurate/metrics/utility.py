@@ -98,7 +98,8 @@ class KIDResult(BaseModel):
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KID's kernel ``(x.y / d + 1)^3`` for all row pairs."""
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    base = x @ y.T / x.shape[1] + 1.0
+    return base * base * base  # two multiplies: several times faster than ``** 3`` (pow)
 
 
 def mmd2_unbiased(x: ArrayLike, y: ArrayLike) -> float:
