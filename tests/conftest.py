@@ -14,6 +14,7 @@ import pytest
 # Prefect reads these at import time: point it at a throwaway home before anything imports it.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diffcurate-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from diffcurate.config import ClipSettings

@@ -6,6 +6,7 @@ Import as ``from tiny_unets import ...`` (``tests/`` is on ``sys.path``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -125,3 +126,41 @@ def captions(n: int, seq: int = 3, dim: int = 6, seed: int = 2) -> torch.Tensor:
     """Deterministic stand-ins for caption embeddings (encoder_hidden_states)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((n, seq, dim), generator=gen, dtype=torch.float64) / math.sqrt(dim)
+
+
+def tiny_text_encoder(workdir: Path, hidden: int = 6, max_length: int = 8, seed: int = 0):
+    """A real transformers CLIP tokenizer + CLIPTextModel, tiny (character-level BPE vocab).
+
+    The tokenizer needs vocabulary files, so they are written under ``workdir``.
+    """
+    import json
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffcurate.models.text_encoder import TextEncoder
+
+    chars = list(string.ascii_lowercase + string.digits + ".,'-")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.json").write_text(json.dumps(vocab))
+    (workdir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(workdir / "vocab.json"), str(workdir / "merges.txt"), model_max_length=max_length
+    )
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    return TextEncoder(tokenizer=tokenizer, model=CLIPTextModel(config).eval())

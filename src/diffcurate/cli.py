@@ -60,6 +60,8 @@ def _settings(workspace: Path | None) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The ephemeral server's telemetry writer races the API for the SQLite lock.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its ephemeral server 20 s to start; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return settings
 
 
@@ -171,7 +173,8 @@ def score(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to score.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
     scorer: Annotated[
-        str, typer.Option("--scorer", "-s", help="Risk signal: loss | divergence | trace.")
+        str,
+        typer.Option("--scorer", "-s", help="Risk signal: loss | divergence | trace | cond-gap."),
     ] = "loss",
     timesteps: Annotated[
         str | None,
@@ -180,6 +183,16 @@ def score(
     draws: Annotated[int, typer.Option(help="Noise draws per timestep and sample.")] = 2,
     probes: Annotated[int, typer.Option(help="Hutchinson probes per draw.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the draws and probes.")] = 0,
+    generations: Annotated[int, typer.Option(help="cond-gap: initial noises per caption.")] = 4,
+    inference_steps: Annotated[
+        int, typer.Option(help="cond-gap: DDIM steps of the guided trajectory.")
+    ] = 50,
+    measure_steps: Annotated[
+        int, typer.Option(help="cond-gap: first trajectory steps measured.")
+    ] = 1,
+    guidance_scale: Annotated[
+        float, typer.Option(help="cond-gap: classifier-free guidance weight.")
+    ] = 7.5,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | float64.")] = "float32",
     shard_size: Annotated[int, typer.Option(help="Samples per shard (commit/resume unit).")] = 256,
@@ -193,7 +206,11 @@ def score(
 
     Signals: `loss` (low per-sample diffusion loss; the default: best recall of planted
     duplicates per unit cost in benchmarks/risk_signals.py), `divergence` (data-space Jacobian
-    trace), `trace` (per-sample GGN curvature trace, seed 000). High score = risky for all.
+    trace), `trace` (per-sample GGN curvature trace, seed 000), and for text-conditional
+    models `cond-gap` (Wen et al.: how far the caption-conditional noise prediction departs
+    from the unconditional one on the first sampling steps). High score = risky for all.
+    Text-conditional models are scored on each sample's caption, embedded by the model
+    directory's own `text_encoder/` and `tokenizer/`.
     Re-running after a crash resumes the interrupted run without duplicating rows.
     """
     from diffcurate.influence.registry import ScorerSpec
@@ -203,7 +220,8 @@ def score(
         steps = None if timesteps is None else tuple(int(t) for t in timesteps.split(","))
         spec = ScorerSpec(
             signal=scorer, timesteps=steps, draws_per_timestep=draws, probes=probes, seed=seed,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, generations=generations, inference_steps=inference_steps,
+            measure_steps=measure_steps, guidance_scale=guidance_scale,
         )  # fmt: skip
         from diffcurate.flows.score import ScoreParams, score_flow
 

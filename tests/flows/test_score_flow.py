@@ -10,10 +10,15 @@ from diffcurate.demo.writers import write_manifest
 from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec, score_function
+from diffcurate.models.diffusion import (
+    DiffusionModel,
+    ModelLoadError,
+    save_diffusion_model,
+)
 from diffcurate.models.images import load_training_images
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
-from tiny_unets import scheduler, tiny_unet
+from tiny_unets import scheduler, tiny_cond_unet, tiny_text_encoder, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -126,3 +131,55 @@ def test_scores_ignore_torch_global_rng(scored_workspace):
     torch.manual_seed(2)
     b = run(ws, model_dir, spec, resume=False)
     assert scores_of(ws, a.run_id) == scores_of(ws, b.run_id)
+
+
+@pytest.fixture(scope="module")
+def conditional_model(tmp_path_factory):
+    """A saved text-to-image pipeline: tiny conditional UNet + its own CLIP text encoder."""
+    root = tmp_path_factory.mktemp("cond")
+    model = DiffusionModel(
+        unet=tiny_cond_unet(cross_dim=6).float(),
+        scheduler=scheduler(),
+        text_encoder=tiny_text_encoder(root / "vocab", hidden=6),
+    )
+    return model, save_diffusion_model(model, root / "pipe")
+
+
+@pytest.mark.parametrize("signal", ["loss", "cond-gap"])
+def test_conditional_model_is_scored_on_its_captions(scored_workspace, conditional_model, signal):
+    ws, _ = scored_workspace
+    model, path = conditional_model
+    spec = ScorerSpec(signal=signal, generations=2, inference_steps=10)
+    summary = run(ws, path, spec, shard_size=16, resume=False)
+    got = scores_of(ws, summary.run_id)
+    store = LanceStore(str(ws / "lancedb"))
+    loaded = load_training_images(store, "digits", channels=1, size=8)
+    ids = loaded.sample_ids
+    by_id = {r["sample_id"]: r["caption"] for r in store.read("samples", "digits").to_pylist()}
+    cond = model.text_encoder.encode([by_id[i] for i in ids])
+    uncond = model.text_encoder.encode([""])
+    want = score_function(spec)(
+        spec.objective(model.scheduler), model.unet, loaded.pixels, ids, cond, uncond
+    )
+    np.testing.assert_allclose([got[i] for i in ids], want.score, rtol=1e-5)
+    if signal == "cond-gap":
+        # Same caption ⇒ same score: the signal belongs to the caption, not the pixels.
+        by_caption: dict[str, set[float]] = {}
+        for i in ids:
+            by_caption.setdefault(by_id[i], set()).add(round(got[i], 6))
+        assert all(len(v) == 1 for v in by_caption.values())
+
+
+def test_conditional_signal_refuses_unconditional_models(scored_workspace):
+    ws, model_dir = scored_workspace
+    with pytest.raises(ValueError, match="needs a text-conditional model"):
+        run(ws, model_dir, ScorerSpec(signal="cond-gap"), resume=False)
+
+
+def test_conditional_model_without_text_encoder_is_refused(scored_workspace, tmp_path):
+    ws, _ = scored_workspace
+    path = save_diffusion_model(
+        DiffusionModel(unet=tiny_cond_unet().float(), scheduler=scheduler()), tmp_path / "m"
+    )
+    with pytest.raises(ModelLoadError, match="no text_encoder/ and tokenizer/"):
+        run(ws, path, ScorerSpec(signal="loss"), resume=False)

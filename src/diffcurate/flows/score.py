@@ -140,7 +140,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
     )  # fmt: skip
     try:
         # 2. Model.
-        model = load_model(params.model)
+        model = load_model(params.model, spec)
         # 3. Work list.
         ids = sorted(
             store.read("samples", params.dataset, columns=["sample_id"])

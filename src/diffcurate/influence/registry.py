@@ -17,13 +17,14 @@ steps) and the loss is 13-27x cheaper, so the loss at t=100 is the default signa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diffcurate.influence.cond_gap import CondGapConfig, cond_gap_scores, sampler_timesteps
 from diffcurate.influence.data_space import DivergenceConfig, divergence_scores
 from diffcurate.influence.loss_signal import LossSignalConfig, loss_scores
 from diffcurate.influence.objective import (
@@ -34,7 +35,9 @@ from diffcurate.influence.objective import (
 )
 from diffcurate.influence.trace import TraceConfig, trace_scores
 
-SignalName = Literal["trace", "divergence", "loss"]
+SignalName = Literal["trace", "divergence", "loss", "cond-gap"]
+CONDITIONAL_ONLY: frozenset[str] = frozenset({"cond-gap"})
+"""Signals defined only for text-conditional models (they need caption embeddings)."""
 
 DEFAULT_TIMESTEPS: dict[str, tuple[int, ...]] = {
     "trace": (20,),
@@ -48,13 +51,20 @@ class ScorerSpec(BaseModel):
 
     Attributes:
         signal: ``trace`` (per-sample GGN trace, seed 000), ``divergence`` (data-space
-            Jacobian trace) or ``loss`` (negated per-sample diffusion loss).
+            Jacobian trace), ``loss`` (negated per-sample diffusion loss) or ``cond-gap``
+            (Wen et al.'s conditional-minus-unconditional noise magnitude; text-conditional
+            models only).
         timesteps: Fixed timesteps to measure at; default per signal (see module docstring).
+            Not used by ``cond-gap``, which measures along its own sampling trajectory.
         draws_per_timestep: ε draws per timestep and sample.
         probes: Hutchinson probes per draw (``trace`` and ``divergence``).
         seed: Seed of the (t, ε) draws and of the probes.
         dtype: Working precision.
         device: ``cpu`` or ``cuda``.
+        generations: ``cond-gap``: initial noises per caption (Wen et al. use 4).
+        inference_steps: ``cond-gap``: DDIM steps of the guided trajectory.
+        measure_steps: ``cond-gap``: how many first steps are measured (1 = first only).
+        guidance_scale: ``cond-gap``: classifier-free guidance weight of the trajectory.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,40 +76,89 @@ class ScorerSpec(BaseModel):
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
+    generations: int = Field(4, ge=1)
+    inference_steps: int = Field(50, ge=1)
+    measure_steps: int = Field(1, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+
+    @model_validator(mode="after")
+    def _timesteps_apply(self) -> ScorerSpec:
+        if self.signal in CONDITIONAL_ONLY and self.timesteps is not None:
+            raise ValueError(
+                f"{self.signal} measures along its own sampling trajectory; set inference_steps "
+                "and measure_steps instead of timesteps"
+            )
+        return self
 
     @property
     def effective_timesteps(self) -> tuple[int, ...]:
-        """The timesteps used: as given, else the signal's measured default."""
+        """The timesteps used: as given, else the signal's measured default (``()`` for
+        ``cond-gap``, whose timesteps follow from the scheduler, see :meth:`objective`)."""
+        if self.signal in CONDITIONAL_ONLY:
+            return ()
         return self.timesteps if self.timesteps is not None else DEFAULT_TIMESTEPS[self.signal]
 
     @property
-    def schedule(self) -> TimestepSchedule:
-        return TimestepSchedule(
-            timesteps=self.effective_timesteps, draws_per_sample=self.draws_per_timestep
+    def cond_gap_config(self) -> CondGapConfig:
+        return CondGapConfig(
+            generations=self.generations,
+            inference_steps=self.inference_steps,
+            measure_steps=self.measure_steps,
+            guidance_scale=self.guidance_scale,
+            dtype=self.dtype,
+            device=self.device,
         )
 
     def objective(
         self, scheduler: DDPMScheduler, vae: AutoencoderKL | None = None
     ) -> DiffusionObjective:
-        return DiffusionObjective(scheduler, self.schedule, seed=self.seed, vae=vae)
+        """The objective this spec measures (for ``cond-gap``: its first sampler timesteps)."""
+        if self.signal in CONDITIONAL_ONLY:
+            probe = DiffusionObjective(
+                scheduler, TimestepSchedule(timesteps=(0,)), seed=self.seed, vae=vae
+            )
+            timesteps = sampler_timesteps(probe, self.cond_gap_config)
+            schedule = TimestepSchedule(timesteps=timesteps, draws_per_sample=self.generations)
+        else:
+            schedule = TimestepSchedule(
+                timesteps=self.effective_timesteps, draws_per_sample=self.draws_per_timestep
+            )
+        return DiffusionObjective(scheduler, schedule, seed=self.seed, vae=vae)
 
 
-ScoreFn = Callable[
-    [DiffusionObjective, torch.nn.Module, torch.Tensor, Sequence[SampleKey], torch.Tensor | None],
-    ScoreResult,
-]
+class ScoreFn(Protocol):
+    """One shard of images (+ caption embeddings for conditional models) → per-sample scores."""
+
+    def __call__(
+        self,
+        objective: DiffusionObjective,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        sample_keys: Sequence[SampleKey],
+        cond: torch.Tensor | None = None,
+        uncond: torch.Tensor | None = None,
+    ) -> ScoreResult: ...
 
 
 def score_function(spec: ScorerSpec) -> ScoreFn:
     """The function computing ``spec``'s signal on one shard of images."""
     common = {"dtype": spec.dtype, "device": spec.device}
+    if spec.signal == "cond-gap":
+        gap_cfg = spec.cond_gap_config
+        return lambda obj, model, x, keys, cond=None, uncond=None: cond_gap_scores(
+            obj, model, x, keys, cond, uncond, gap_cfg
+        )
     if spec.signal == "trace":
         trace_cfg = TraceConfig(probes=spec.probes, seed=spec.seed, **common)
-        return lambda obj, model, x, keys, cond: trace_scores(obj, model, x, keys, trace_cfg, cond)
+        return lambda obj, model, x, keys, cond=None, uncond=None: trace_scores(
+            obj, model, x, keys, trace_cfg, cond
+        )
     if spec.signal == "divergence":
         div_cfg = DivergenceConfig(probes=spec.probes, seed=spec.seed, **common)
-        return lambda obj, model, x, keys, cond: divergence_scores(
+        return lambda obj, model, x, keys, cond=None, uncond=None: divergence_scores(
             obj, model, x, keys, div_cfg, cond
         )
     loss_cfg = LossSignalConfig(**common)
-    return lambda obj, model, x, keys, cond: loss_scores(obj, model, x, keys, loss_cfg, cond)
+    return lambda obj, model, x, keys, cond=None, uncond=None: loss_scores(
+        obj, model, x, keys, loss_cfg, cond
+    )

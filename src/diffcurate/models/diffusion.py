@@ -1,12 +1,14 @@
 """Load and save diffusion models in the diffusers directory layout, from local paths only.
 
-Layout (what ``save_pretrained`` of a diffusers pipeline writes, minus text encoders)::
+Layout (what ``save_pretrained`` of a diffusers pipeline writes)::
 
     model/
       model_index.json   optional: present in full pipeline dirs (checked, not required)
       unet/              config.json (_class_name UNet2DModel | UNet2DConditionModel) + weights
       scheduler/         scheduler_config.json
       vae/               optional: AutoencoderKL (latent diffusion)
+      text_encoder/      optional, conditional UNets: CLIPTextModel (transformers)
+      tokenizer/         with text_encoder/: its CLIP tokenizer
 
 Why our own checks before ``from_pretrained``: diffusers reports a missing or broken local
 component with errors about the Hugging Face Hub (it falls back to treating the string as a
@@ -17,7 +19,9 @@ repo id), which sends users looking for a network problem. We check the layout f
 The scheduler is always returned as a ``DDPMScheduler`` built from the saved config, whatever
 sampler the pipeline shipped with (PNDM, DDIM, Euler, ...): training and influence scoring use
 the forward noising process, which all these schedulers share through their beta schedule.
-Text encoders and tokenizers of text-to-image pipelines are not loaded here.
+Text-to-image pipelines: a conditional UNet's ``text_encoder/`` and ``tokenizer/`` are loaded
+too when present (:mod:`diffcurate.models.text_encoder`); without them the model still loads
+(training and sampling with given embeddings work) and scoring from captions refuses clearly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from diffcurate.models.errors import ModelLoadError
+from diffcurate.models.text_encoder import TextEncoder, load_text_encoder, save_text_encoder
+
+__all__ = ["DiffusionModel", "ModelLoadError", "load_diffusion_model", "save_diffusion_model"]
 
 UNET_CLASSES: dict[str, type[UNet2DModel] | type[UNet2DConditionModel]] = {
     "UNet2DModel": UNet2DModel,
@@ -63,10 +72,6 @@ MODEL_INDEX = "model_index.json"
 UNet = UNet2DModel | UNet2DConditionModel
 
 
-class ModelLoadError(Exception):
-    """A model directory is missing, incomplete or inconsistent (the message says which)."""
-
-
 @dataclass
 class DiffusionModel:
     """A denoiser with its noise schedule (and VAE for latent diffusion).
@@ -76,12 +81,14 @@ class DiffusionModel:
         scheduler: The DDPM forward process (``config.prediction_type`` picks ε or v).
         vae: The latent autoencoder, or None for pixel-space models.
         path: Where the model was loaded from or last saved to (None if only in memory).
+        text_encoder: Caption encoder of a text-conditional pipeline, if it ships one.
     """
 
     unet: UNet
     scheduler: DDPMScheduler
     vae: AutoencoderKL | None = None
     path: Path | None = None
+    text_encoder: TextEncoder | None = None
 
     @property
     def conditional(self) -> bool:
@@ -249,7 +256,22 @@ def load_diffusion_model(
         raise ModelLoadError(
             f"cannot build a DDPM scheduler from {sched_dir / 'scheduler_config.json'}: {err}"
         ) from err
-    return DiffusionModel(unet=unet.to(device).eval(), scheduler=scheduler, vae=vae, path=root)
+    text_encoder = None
+    if unet_class == "UNet2DConditionModel" and (root / "text_encoder").is_dir():
+        text_encoder = load_text_encoder(root, device=device, dtype=dtype)
+        cross = int(unet.config.cross_attention_dim)
+        if text_encoder.hidden_size != cross:
+            raise ModelLoadError(
+                f"{root}: text encoder width {text_encoder.hidden_size} does not match the "
+                f"UNet's cross_attention_dim {cross}"
+            )
+    return DiffusionModel(
+        unet=unet.to(device).eval(),
+        scheduler=scheduler,
+        vae=vae,
+        path=root,
+        text_encoder=text_encoder,
+    )
 
 
 def save_diffusion_model(model: DiffusionModel, path: str | Path) -> Path:
@@ -275,6 +297,8 @@ def save_diffusion_model(model: DiffusionModel, path: str | Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     model.unet.save_pretrained(root / "unet", safe_serialization=True)
     model.scheduler.save_pretrained(root / "scheduler")
+    if model.text_encoder is not None:
+        save_text_encoder(model.text_encoder, root)
     if model.vae is not None:
         model.vae.save_pretrained(root / "vae", safe_serialization=True)
     elif isinstance(model.unet, UNet2DModel):
