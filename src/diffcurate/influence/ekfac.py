@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.eigen import lambda_matrices_exist
 from kronfluence.module.tracked_module import ModuleMode, TrackedModule
 from kronfluence.task import Task
 from kronfluence.utils.constants import ALL_MODULE_NAME, PRECONDITIONED_GRADIENT_NAME
@@ -148,7 +149,8 @@ class EKFACConfig(BaseModel):
         seed: Seed of the MC target draws (the (t, ε) seed lives in the objective).
         dtype: Working precision of forward/backward passes, factors and scores.
         device: ``"cpu"`` or ``"cuda"``.
-        train_batch_size: Samples per batch for factor fitting and training gradients.
+        train_batch_size: Rows per batch: samples for training gradients, (sample, draw,
+            direction) rows for factor fitting.
         query_batch_size: Queries whose preconditioned gradients are kept together while one
             pass over the training set scores them (query batching).
         int8_query: Round preconditioned query gradients to int8 (seed 001 App. C; default on,
@@ -497,7 +499,7 @@ class _Session:
         return batch
 
     def fit(self) -> None:
-        """Fit (or load the cached) EK-FAC factors of the training set."""
+        """Fit (or reuse the cached) EK-FAC factors of the curvature set."""
         dt = self.dtype
         factor_args = FactorArguments(
             strategy="ekfac",
@@ -512,6 +514,11 @@ class _Session:
             eigendecomposition_dtype=torch.float64,
         )
         dataset = _FisherDataset(self.fit_batch, self.config)
+        out_dir = self.analyzer.factors_output_dir(self.factors_name)
+        if lambda_matrices_exist(output_dir=out_dir):
+            log.info("EK-FAC: reusing factors %s", out_dir)
+        else:
+            log.info("EK-FAC: fitting factors on %d rows into %s", len(dataset), out_dir)
         with scoring_mode(self.model), _quiet():
             self.analyzer.fit_all_factors(
                 factors_name=self.factors_name,
