@@ -395,6 +395,163 @@ def sample(
     out.print(f"wrote {n} samples to {path}")
 
 
+@app.command("run")
+def run_hygiene(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to clean.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
+    scorer: Annotated[
+        str, typer.Option("--scorer", "-s", help="Risk signal (see `diffcurate score`).")
+    ] = "loss",
+    score_run: Annotated[
+        str | None, typer.Option(help="Reuse this completed score run instead of scoring.")
+    ] = None,
+    fraction: Annotated[
+        float, typer.Option(help="Flag the top fraction of distinct images (0.01 = 1%).")
+    ] = 0.01,
+    threshold: Annotated[
+        float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
+    ] = "exact",
+    fairness_attribute: Annotated[
+        str | None, typer.Option(help="Metadata key whose groups the fairness cap applies to.")
+    ] = None,
+    fairness_cap: Annotated[
+        float | None,
+        typer.Option(help="Max per-group removal rate as a multiple of the corpus rate."),
+    ] = None,
+    audit_attribute: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Metadata key to audit (repeatable) [default: every key with 2-20 "
+            "distinct values]."
+        ),
+    ] = None,
+    mitigation: Annotated[
+        str, typer.Option(help="finetune (surgical, lr 2e-6, 1 epoch) | retrain.")
+    ] = "finetune",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 2e-6,
+    retrain_steps: Annotated[int, typer.Option(help="Steps when retraining.")] = 3000,
+    secrets: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret/canary images: a JSON file (list, or object with "
+            "`planted_keys`) or comma-separated keys/ids [default: the flagged images]."
+        ),
+    ] = None,
+    heldout_dataset: Annotated[
+        str | None, typer.Option(help="Ingested held-out real images for FD/KID.")
+    ] = None,
+    generations: Annotated[int, typer.Option(help="Samples per model for the gates.")] = 256,
+    max_mem: Annotated[float, typer.Option(help="Gate: max Mem% after mitigation.")] = 10.0,
+    max_fd_increase: Annotated[
+        float, typer.Option(help="Gate: max relative FD increase (0.10 = 10%).")
+    ] = 0.10,
+    seed: Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Run a hygiene run: score → flag → audit → mitigate → gate → candidate release.
+
+    Flags the riskiest distinct images (every copy of a flagged image is removed), audits the
+    removal set for group skew, produces a candidate model on the kept samples, measures Mem%
+    on the secret images and FD/KID before vs after, and tags the kept samples as
+    `<dataset>-candidate-<n>`. Nothing is approved automatically: `diffcurate release approve`
+    does that (a failed gate or audit needs `--override`). Exit code 0 when the gates pass,
+    1 when the candidate was created but failed a gate, 2 when refused.
+    """
+    settings = _settings(workspace)
+    try:
+        from diffcurate.curation.flag import FlagPolicy
+        from diffcurate.curation.gate import GatePolicy
+        from diffcurate.curation.measure import MeasureConfig
+        from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
+        from diffcurate.influence.registry import ScorerSpec
+        from diffcurate.models.mitigate import MitigationConfig
+
+        flag = (
+            FlagPolicy(mode="threshold", threshold=threshold, fairness_cap=fairness_cap)
+            if threshold is not None
+            else FlagPolicy(fraction=fraction, fairness_cap=fairness_cap)
+        )
+        params = HygieneParams(
+            dataset=dataset, model=model, workspace=settings.workspace,
+            scorer=ScorerSpec(signal=scorer, seed=seed, device=device), score_run=score_run,
+            flag=flag, group_by=group_by, fairness_attribute=fairness_attribute,
+            audit_attributes=audit_attribute or None,
+            mitigation=MitigationConfig(method=mitigation, epochs=epochs, lr=lr,
+                                        retrain_steps=retrain_steps, seed=seed, device=device),
+            secrets=_secret_list(secrets), heldout_dataset=heldout_dataset,
+            measure=MeasureConfig(generations=generations, seed=seed, device=device),
+            gate=GatePolicy(max_mem_percent_after=max_mem,
+                            max_relative_fd_increase=max_fd_increase),
+        )  # fmt: skip
+    except (ValidationError, ValueError, OSError) as e:
+        raise _fail(str(e)) from e
+    from diffcurate.models.diffusion import ModelLoadError
+    from diffcurate.storage.releases import ReleaseError
+
+    try:
+        summary = hygiene_flow(params)
+    except (FileNotFoundError, ModelLoadError, ValueError, KeyError, ReleaseError) as e:
+        raise _fail(str(e)) from e
+    _print_hygiene(summary)
+    if not summary.gate_passed:
+        raise typer.Exit(1)
+
+
+def _secret_list(value: str | None) -> list[str]:
+    """Secrets from a JSON file (list or {"planted_keys": [...]}) or a comma-separated list."""
+    if value is None:
+        return []
+    path = Path(value)
+    if path.suffix == ".json" or path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("planted_keys", data.get("secrets"))
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"{path}: expected a list of keys/ids or {{'planted_keys': [...]}}")
+        return data
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _print_hygiene(summary) -> None:
+    t = Table(title=f"hygiene {summary.run_id}", show_header=False)
+    t.add_row("score run", summary.score_run)
+    t.add_row("flagged", f"{summary.n_flagged_images} distinct images = {summary.n_removed} "
+              f"samples removed, {summary.n_kept} kept of {summary.n_samples}")  # fmt: skip
+    if summary.audit_passed is None:
+        audit = "not run (no group attributes)"
+    elif summary.audit_passed:
+        audit = "passed"
+    else:
+        audit = "FAILED: " + "; ".join(summary.audit_violations)
+    t.add_row("audit", f"{audit} ({', '.join(summary.audit_attributes) or '-'})")
+    t.add_row("mitigation", summary.mitigation)
+    t.add_row("secrets", f"{len(summary.secrets)} ({summary.secrets_source})")
+    t.add_row("utility reference", summary.reference)
+    t.add_row("candidate model", summary.candidate_model)
+    out.print(t)
+    g = Table("measure", "before", "after", title="memorization and utility")
+    for key, label in (("mem_percent", "Mem%"), ("fd", "FD"), ("kid", "KID")):
+        g.add_row(label, f"{summary.before[key]:.4g}", f"{summary.after[key]:.4g}")
+    out.print(g)
+    gates = Table("check", "before", "after", "threshold", "result", "reason", title="gates")
+    for c in summary.gates:
+        fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+        gates.add_row(c["name"], fmt(c["value_before"]), fmt(c["value_after"]),
+                      fmt(c["threshold"]), "pass" if c["passed"] else "FAIL",
+                      c["reason"])  # fmt: skip
+    out.print(gates)
+    for e in summary.gate_table_errors:
+        err.print(f"[red]gate table invalid:[/red] {e}")
+    verdict = "PASSED" if summary.gate_passed else "FAILED"
+    out.print(f"gate decision: {verdict}; candidate release {summary.release_tag} awaits "
+              f"approval (`diffcurate release show {summary.release_tag}`)")  # fmt: skip
+
+
 @app.command("demo-corpus")
 def demo_corpus(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the corpus into.")],

@@ -1,0 +1,136 @@
+"""Measure one model for the gates: Mem% on the secret set and utility against real images.
+
+Memorization (Carlini et al. 2023's extraction test, scaled down): generate images and count a
+secret as *reconstructed* when some generation lies within τ of it
+(:mod:`diffcurate.metrics.memorization`). Unconditional models are sampled ``generations``
+times and every generation is compared with every secret; text-conditional models are prompted
+with each secret's own caption ``generations_per_secret`` times, and a generation only counts
+for the secret it was prompted with.
+
+Utility: Fréchet distance and KID between features of generations and of real reference images
+(:mod:`diffcurate.metrics.utility`). Both models of a gate are sampled from the same keyed
+initial noises (``seed``), so before/after differences come from the weights, not the draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffcurate.metrics.memorization import MemorizationPolicy, MemResult, mem_percent
+from diffcurate.metrics.utility import (
+    KIDResult,
+    PixelFeatureConfig,
+    frechet_distance,
+    kernel_inception_distance,
+    pixel_features,
+)
+from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.sample import generate
+
+
+class MeasureConfig(BaseModel):
+    """How a model is sampled and compared for the gates.
+
+    Attributes:
+        generations: Unconditional samples per model (also the utility sample size).
+        generations_per_secret: Conditional models: samples per secret caption.
+        inference_steps: DDIM steps per sample.
+        seed: Keyed initial noises (identical for the before and after models).
+        memorization: Reconstruction metric and threshold τ.
+        features: Feature extractor for FD/KID.
+        kid_subsets: KID subsets.
+        kid_subset_size: Rows per KID subset.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generations: int = Field(256, ge=2)
+    generations_per_secret: int = Field(8, ge=1)
+    inference_steps: int = Field(50, ge=1)
+    seed: int = 0
+    memorization: MemorizationPolicy = Field(default_factory=MemorizationPolicy)
+    features: PixelFeatureConfig = Field(default_factory=PixelFeatureConfig)
+    kid_subsets: int = Field(50, ge=1)
+    kid_subset_size: int = Field(100, ge=2)
+    device: str = "cpu"
+
+
+class ModelMeasurement(BaseModel):
+    """Mem%, FD and KID of one model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mem: MemResult
+    fd: float
+    kid: KIDResult
+    n_generated: int
+    n_reference: int
+
+
+def to_unit(images: torch.Tensor) -> np.ndarray:
+    """``[n, C, H, W]`` in [-1, 1] → ``[n, H, W, C]`` float64 in [0, 1] (the metrics' input)."""
+    return ((images.double().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def measure_model(
+    model: DiffusionModel,
+    secrets: torch.Tensor,
+    secret_ids: list[str],
+    reference: torch.Tensor,
+    config: MeasureConfig | None = None,
+    secret_conditioning: torch.Tensor | None = None,
+    reference_conditioning: torch.Tensor | None = None,
+) -> ModelMeasurement:
+    """Sample ``model`` and measure memorization of ``secrets`` and utility vs ``reference``.
+
+    Args:
+        model: The model to measure.
+        secrets: ``[S, C, H, W]`` secret/canary images in [-1, 1].
+        secret_ids: One id per secret.
+        reference: ``[R, C, H, W]`` real images in [-1, 1] for FD/KID.
+        config: Sampling and metric settings.
+        secret_conditioning: Conditional models: caption embeddings ``[S, seq, dim]``.
+        reference_conditioning: Conditional models: embeddings of captions to sample the
+            utility set from ``[m, seq, dim]`` (cycled to ``generations`` rows).
+    """
+    config = config or MeasureConfig()
+    steps, dev = config.inference_steps, config.device
+    if model.conditional:
+        if secret_conditioning is None or reference_conditioning is None:
+            raise ValueError("a text-conditional model is measured from caption embeddings")
+        k = config.generations_per_secret
+        cond = secret_conditioning.repeat_interleave(k, dim=0)
+        mem_gens = generate(model, len(cond), seed=config.seed, num_inference_steps=steps,
+                            conditioning=cond, device=dev)  # fmt: skip
+        generated_for = [sid for sid in secret_ids for _ in range(k)]
+        idx = torch.arange(config.generations) % len(reference_conditioning)
+        util_gens = generate(model, config.generations, seed=config.seed + 1,
+                             num_inference_steps=steps, conditioning=reference_conditioning[idx],
+                             device=dev)  # fmt: skip
+    else:
+        util_gens = generate(model, config.generations, seed=config.seed,
+                             num_inference_steps=steps, device=dev)  # fmt: skip
+        mem_gens, generated_for = util_gens, None
+    mem = mem_percent(
+        to_unit(mem_gens),
+        to_unit(secrets),
+        policy=config.memorization,
+        secret_ids=secret_ids,
+        generated_for=generated_for,
+    )
+    fake = pixel_features(to_unit(util_gens), config.features)
+    real = pixel_features(to_unit(reference), config.features)
+    kid = kernel_inception_distance(
+        fake, real, subsets=config.kid_subsets, subset_size=config.kid_subset_size,
+        seed=config.seed,
+    )  # fmt: skip
+    return ModelMeasurement(
+        mem=mem,
+        fd=frechet_distance(fake, real),
+        kid=kid,
+        n_generated=len(util_gens),
+        n_reference=len(reference),
+    )

@@ -1,0 +1,393 @@
+"""The hygiene run: scored dataset → gated, auditable candidate release waiting for approval.
+
+Steps (each recorded in the ledger under the hygiene run's id):
+    1. Score: the score flow as a subflow (resumable), or reuse a completed scoring run.
+    2. Flag: rank distinct images (exact-duplicate groups collapse to their riskiest copy), take
+       the top ρ% or a threshold, optionally under a per-group fairness cap, then expand each
+       flagged image to all its copies (:mod:`diffcurate.curation.groups`).
+    3. Audit: removal rates per group of each audited metadata attribute (fairlearn
+       ``MetricFrame``), four-fifths retention ratio, chi-square/Fisher with Holm correction,
+       Cramér's V; one ledger row per attribute.
+    4. Mitigate: surgical fine-tune (default) or retrain on the kept samples; the candidate
+       model is saved under ``WORKSPACE/models/<dataset>-hygiene-<run>/``.
+    5. Gate: the released and the candidate model are sampled from the same keyed noises; Mem%
+       on the secret set, FD and KID against real images; the gate policy decides; every check
+       goes to the ledger and the gate table is validated with great-expectations.
+    6. Release: the kept samples become a tagged candidate version ``<dataset>-candidate-<n>``
+       with a manifest; ``samples`` itself is never modified. A person approves or rejects it
+       (``diffcurate release approve|reject``); a failed gate or audit needs an override.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffcurate.curation.flag import FlagPolicy, FlagResult, select_removals
+from diffcurate.curation.gate import GateDecision, GatePolicy, evaluate_gates
+from diffcurate.curation.groups import GroupBy, collapse_groups
+from diffcurate.curation.measure import MeasureConfig, ModelMeasurement, measure_model
+from diffcurate.flows.score import ScoreParams, score_flow
+from diffcurate.influence.registry import ScorerSpec
+from diffcurate.metrics.audit import AuditPolicy, AuditResult, audit_removals
+from diffcurate.models.diffusion import DiffusionModel, save_diffusion_model
+from diffcurate.models.images import images_for_unet
+from diffcurate.models.mitigate import MitigationConfig, mitigate
+from diffcurate.storage.gate_validation import validate_gate_table
+from diffcurate.storage.lance_store import DatasetName, LanceStore
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.releases import ReleaseInfo, create_candidate
+from diffcurate.tasks.score import load_model
+
+MAX_AUTO_GROUPS = 20
+"""Metadata keys with 2..20 distinct values are audited when no attributes are named."""
+
+
+class HygieneParams(BaseModel):
+    """Parameters of one hygiene run (JSON-serialisable, for deployments too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName = Field(description="Dataset to clean (as ingested).")
+    model: Path = Field(description="Local diffusers model directory trained on the dataset.")
+    workspace: Path = Path("workspace")
+    scorer: ScorerSpec = Field(default_factory=ScorerSpec)
+    score_run: str | None = Field(None, description="Reuse this completed score run.")
+    flag: FlagPolicy = Field(default_factory=FlagPolicy)
+    group_by: GroupBy = Field("exact", description="Duplicate groups flagged as one image.")
+    fairness_attribute: str | None = Field(
+        None, description="Metadata key whose groups the flag's fairness cap applies to."
+    )
+    audit_attributes: list[str] | None = Field(
+        None, description="Metadata keys to audit; None = every key with 2-20 distinct values."
+    )
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Secret/canary sample keys or ids; empty = the flagged images themselves.",
+    )
+    heldout_dataset: str | None = Field(
+        None, description="Real held-out images for FD/KID; None = the dataset's kept samples."
+    )
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    gate: GatePolicy = Field(default_factory=GatePolicy)
+    shard_size: int = Field(256, ge=1)
+    progress: bool = True
+
+
+class HygieneSummary(BaseModel):
+    """What a hygiene run did; stored as the run's ``stats`` in the ledger."""
+
+    run_id: str
+    dataset: str
+    score_run: str = ""
+    n_samples: int = 0
+    n_flagged_images: int = 0
+    n_removed: int = 0
+    n_kept: int = 0
+    audit_passed: bool | None = None
+    audit_violations: list[str] = Field(default_factory=list)
+    audit_attributes: list[str] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list)
+    secrets_source: str = ""
+    reference: str = ""
+    mitigation: str = ""
+    candidate_model: str = ""
+    before: dict[str, float] = Field(default_factory=dict)
+    after: dict[str, float] = Field(default_factory=dict)
+    gates: list[dict[str, Any]] = Field(default_factory=list)
+    gate_passed: bool | None = None
+    gate_table_errors: list[str] = Field(default_factory=list)
+    release_tag: str = ""
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------ tasks
+@task(name="flag", cache_policy=NO_CACHE)
+def flag_task(
+    ids: list[str],
+    scores: np.ndarray,
+    group_of: dict[str, str],
+    fairness_groups: dict[str, str] | None,
+    policy: FlagPolicy,
+) -> tuple[FlagResult, list[str]]:
+    """Select distinct images to remove and expand them to every copy."""
+    collapsed = collapse_groups(ids, scores, group_of)
+    groups = None
+    if fairness_groups is not None:
+        groups = [fairness_groups.get(r) for r in collapsed.representatives]
+    result = select_removals(
+        collapsed.representatives, collapsed.scores, policy=policy, groups=groups
+    )
+    return result, collapsed.expand(result.flagged_ids)
+
+
+@task(name="audit", cache_policy=NO_CACHE)
+def audit_task(frame: pd.DataFrame, attributes: list[str], policy: AuditPolicy) -> AuditResult:
+    return audit_removals(frame, attributes, removed="removed", policy=policy)
+
+
+@task(name="mitigate", cache_policy=NO_CACHE)
+def mitigate_task(
+    model: DiffusionModel,
+    pixels: torch.Tensor,
+    config: MitigationConfig,
+    conditioning: torch.Tensor | None,
+    progress: bool,
+) -> DiffusionModel:
+    candidate, _ = mitigate(model, pixels, config, conditioning=conditioning, progress=progress)
+    return candidate
+
+
+@task(name="measure", cache_policy=NO_CACHE)
+def measure_task(
+    model: DiffusionModel,
+    secrets: torch.Tensor,
+    secret_ids: list[str],
+    reference: torch.Tensor,
+    config: MeasureConfig,
+    secret_cond: torch.Tensor | None,
+    reference_cond: torch.Tensor | None,
+) -> ModelMeasurement:
+    return measure_model(model, secrets, secret_ids, reference, config, secret_cond,
+                         reference_cond)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _metadata_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per sample: sample_id, key, caption and every top-level metadata field."""
+    records = []
+    for r in rows:
+        meta = json.loads(r["metadata"] or "{}")
+        flat = {k: v for k, v in meta.items() if not isinstance(v, dict | list)}
+        records.append({**flat, "sample_id": r["sample_id"], "key": r["key"],
+                        "caption": r["caption"]})  # fmt: skip
+    return pd.DataFrame.from_records(records)
+
+
+def auto_attributes(frame: pd.DataFrame) -> list[str]:
+    """Metadata columns that look like group attributes (2..MAX_AUTO_GROUPS distinct values)."""
+    skip = {"sample_id", "key", "caption", "removed"}
+    out = []
+    for col in frame.columns:
+        if col in skip:
+            continue
+        distinct = frame[col].dropna().astype(str).nunique()
+        if 2 <= distinct <= MAX_AUTO_GROUPS:
+            out.append(col)
+    return out
+
+
+def _group_of(store: LanceStore, dataset: str, group_by: GroupBy) -> dict[str, str]:
+    if group_by == "none" or not store.has_table("duplicates"):
+        return {}
+    column = "exact_group" if group_by == "exact" else "near_group"
+    table = store.read("duplicates", dataset, columns=["sample_id", column])
+    return dict(zip(table.column("sample_id").to_pylist(), table.column(column).to_pylist(),
+                    strict=True))  # fmt: skip
+
+
+def _resolve_secrets(
+    secrets: list[str], frame: pd.DataFrame, flagged_reps: list[str]
+) -> tuple[list[str], str]:
+    """Secret sample ids from keys or ids; default: the flagged images (one per group)."""
+    if not secrets:
+        return list(flagged_reps), "flagged images"
+    by_key = dict(zip(frame["key"], frame["sample_id"], strict=True))
+    known = set(frame["sample_id"])
+    out, unknown = [], []
+    for s in secrets:
+        if s in known:
+            out.append(s)
+        elif s in by_key:
+            out.append(by_key[s])
+        else:
+            unknown.append(s)
+    if unknown:
+        raise ValueError(f"secrets not found in the dataset (keys or sample ids): {unknown[:5]}")
+    return list(dict.fromkeys(out)), "configured"
+
+
+def _captions(model: DiffusionModel, frame: pd.DataFrame, ids: list[str]) -> torch.Tensor | None:
+    if not model.conditional:
+        return None
+    if model.text_encoder is None:
+        raise ValueError("a text-conditional model needs its text encoder (text_encoder/)")
+    caption = dict(zip(frame["sample_id"], frame["caption"], strict=True))
+    return model.text_encoder.encode([caption[i] for i in ids])
+
+
+def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
+    return {"mem_percent": m.mem.mem_percent, "fd": m.fd, "kid": m.kid.mean,
+            "kid_std": m.kid.std}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- flow
+@flow(name="hygiene", validate_parameters=True)
+def hygiene_flow(params: HygieneParams) -> HygieneSummary:
+    """Score → flag → audit → mitigate → gate → candidate release."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    ws = params.workspace
+    store = LanceStore(str(ws / "lancedb"))
+    ledger = Ledger(ws / "ledger.duckdb")
+    if not params.model.is_dir():
+        raise FileNotFoundError(f"model directory not found: {params.model}")
+    run_id = ledger.start_run("hygiene", dataset=params.dataset, source=str(params.model),
+                              params=params.model_dump(mode="json"))  # fmt: skip
+    summary = HygieneSummary(run_id=run_id, dataset=params.dataset)
+    try:
+        # 1. Score.
+        if params.score_run is None:
+            scored = score_flow(
+                ScoreParams(dataset=params.dataset, model=params.model, scorer=params.scorer,
+                            workspace=ws, shard_size=params.shard_size, progress=params.progress)
+            )  # fmt: skip
+            summary.score_run = scored.run_id
+        else:
+            prior = ledger.run(params.score_run)
+            if prior["kind"] != "score" or prior["status"] != "completed":
+                raise ValueError(f"{params.score_run} is not a completed score run")
+            if prior["dataset"] != params.dataset:
+                raise ValueError(f"{params.score_run} scored {prior['dataset']!r}, not "
+                                 f"{params.dataset!r}")  # fmt: skip
+            summary.score_run = params.score_run
+        scores = store.read("scores", columns=["sample_id", "score"],
+                            where={"run_id": summary.score_run})  # fmt: skip
+        ids = scores.column("sample_id").to_pylist()
+        values = scores.column("score").to_numpy()
+        samples = store.read("samples", params.dataset,
+                             columns=["sample_id", "key", "caption", "metadata"])  # fmt: skip
+        frame = _metadata_frame(samples.to_pylist())
+        if set(ids) != set(frame["sample_id"]):
+            raise ValueError(f"score run {summary.score_run} does not cover exactly the samples "
+                             f"of {params.dataset!r}: re-score the dataset")  # fmt: skip
+        summary.n_samples = len(ids)
+
+        # 2. Flag.
+        fairness = None
+        if params.fairness_attribute is not None:
+            if params.fairness_attribute not in frame.columns:
+                raise ValueError(f"no metadata attribute {params.fairness_attribute!r}")
+            fairness = dict(zip(frame["sample_id"], frame[params.fairness_attribute].astype(str),
+                                strict=True))  # fmt: skip
+        group_of = _group_of(store, params.dataset, params.group_by)
+        flagged, removed = flag_task(quote(ids), quote(values), quote(group_of), quote(fairness),
+                                     params.flag)  # fmt: skip
+        removed_set = set(removed)
+        kept = [i for i in frame["sample_id"] if i not in removed_set]
+        summary.n_flagged_images = len(flagged.flagged_ids)
+        summary.n_removed, summary.n_kept = len(removed), len(kept)
+        log.info("flagged %d images (%d samples)", len(flagged.flagged_ids), len(removed))
+
+        # 3. Audit.
+        frame["removed"] = frame["sample_id"].isin(removed_set)
+        attributes = params.audit_attributes or auto_attributes(frame)
+        missing = [a for a in attributes if a not in frame.columns]
+        if missing:
+            raise ValueError(f"audit attributes not in the metadata: {missing}")
+        summary.audit_attributes = attributes
+        audit = None
+        if attributes:
+            audit = audit_task(quote(frame), attributes, params.audit)
+            for a in audit.attributes:
+                ledger.record_audit(
+                    run_id, dataset=params.dataset, attribute=a.attribute,
+                    groups={g.group: g.model_dump(mode="json") for g in a.groups},
+                    passed=not (a.ratio_violation or a.dependence_violation),
+                    summary=a.model_dump(mode="json", exclude={"groups"}),
+                )  # fmt: skip
+            summary.audit_passed, summary.audit_violations = audit.passed, audit.violations
+
+        # 4. Mitigate.
+        model = load_model(params.model)
+        kept_images = images_for_unet(store, params.dataset, model.unet, kept)
+        candidate = mitigate_task(
+            quote(model), quote(kept_images.pixels), params.mitigation,
+            quote(_captions(model, frame, kept)), params.progress,
+        )  # fmt: skip
+        out_dir = ws / "models" / f"{params.dataset}-hygiene-{run_id}"
+        save_diffusion_model(candidate, out_dir)
+        summary.mitigation = (
+            f"{params.mitigation.method}: {params.mitigation.steps_for(len(kept))} steps"
+        )
+        summary.candidate_model = str(out_dir)
+
+        # 5. Gate.
+        secret_ids, summary.secrets_source = _resolve_secrets(
+            params.secrets, frame, flagged.flagged_ids
+        )
+        summary.secrets = secret_ids
+        if not secret_ids:
+            raise ValueError("no secret images: configure secrets or flag at least one image")
+        secrets = images_for_unet(store, params.dataset, model.unet, secret_ids).pixels
+        if params.heldout_dataset is not None:
+            reference = images_for_unet(store, params.heldout_dataset, model.unet).pixels
+            summary.reference = f"held-out dataset {params.heldout_dataset!r}"
+            ref_ids = list(frame["sample_id"][: len(reference)])
+        else:
+            rng = np.random.default_rng(params.measure.seed)
+            pick = rng.choice(len(kept), size=min(len(kept), 1000), replace=False)
+            ref_ids = [kept[i] for i in sorted(pick)]
+            reference = kept_images.pixels[torch.as_tensor(sorted(pick))]
+            summary.reference = f"{len(ref_ids)} kept training images (no held-out dataset)"
+        secret_cond = _captions(model, frame, secret_ids)
+        ref_cond = _captions(model, frame, ref_ids)
+        before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
+                              params.measure, quote(secret_cond), quote(ref_cond))  # fmt: skip
+        after = measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
+                             params.measure, quote(secret_cond), quote(ref_cond))  # fmt: skip
+        summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
+        decision: GateDecision = evaluate_gates(
+            params.gate, mem_before=before.mem, mem_after=after.mem, fd_before=before.fd,
+            fd_after=after.fd, audit=audit if audit is not None else True,
+            kid_before=before.kid, kid_after=after.kid,
+        )  # fmt: skip
+        inputs = {"secrets": secret_ids, "secrets_source": summary.secrets_source,
+                  "reference": summary.reference, "measure": params.measure.model_dump(mode="json"),
+                  "candidate_model": summary.candidate_model,
+                  "score_run": summary.score_run}  # fmt: skip
+        gate_rows = [c.model_dump(mode="json") for c in decision.checks]
+        summary.gate_table_errors = validate_gate_table(
+            pd.DataFrame([{**c, "policy_version": params.gate.version} for c in gate_rows])
+        )
+        for c in decision.checks:
+            ledger.record_gate_check(
+                run_id, name=c.name, passed=c.passed, policy_version=params.gate.version,
+                value_before=c.value_before, value_after=c.value_after, threshold=c.threshold,
+                inputs={**inputs, "reason": c.reason},
+            )  # fmt: skip
+        summary.gates = gate_rows
+        summary.gate_passed = decision.passed and not summary.gate_table_errors
+
+        # 6. Candidate release.
+        release: ReleaseInfo = create_candidate(
+            store, ledger, params.dataset, kept, removed,
+            manifest={
+                "runs": {"hygiene": run_id, "score": summary.score_run},
+                "audit": None if audit is None else {"passed": audit.passed,
+                                                     "violations": audit.violations},
+                "gates": gate_rows, "gate_passed": summary.gate_passed,
+                "gate_policy": params.gate.model_dump(mode="json"),
+                "candidate_model": summary.candidate_model,
+            },
+        )  # fmt: skip
+        summary.release_tag = release.tag
+        summary.seconds = round(time.perf_counter() - started, 3)
+    except BaseException as err:
+        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(mode="json"),
+                          error=repr(err))  # fmt: skip
+        raise
+    ledger.finish_run(run_id, status="completed", stats=summary.model_dump(mode="json"))
+    return summary

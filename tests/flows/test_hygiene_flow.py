@@ -1,0 +1,122 @@
+"""The hygiene run end to end on ingested real digits with a saved tiny DDPM."""
+
+import numpy as np
+import pytest
+
+from diffcurate.config import ClipSettings, IngestSettings
+from diffcurate.curation.gate import GatePolicy
+from diffcurate.curation.measure import MeasureConfig, measure_model
+from diffcurate.demo.writers import write_manifest
+from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
+from diffcurate.flows.ingest import IngestParams, ingest_flow
+from diffcurate.influence.registry import ScorerSpec
+from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
+from diffcurate.models.images import images_for_unet
+from diffcurate.models.mitigate import MitigationConfig
+from diffcurate.models.reference import reference_model
+from diffcurate.storage.lance_store import LanceStore
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.releases import checkout, manifest_ids
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+MEASURE = MeasureConfig(generations=24, inference_steps=4, kid_subsets=5, kid_subset_size=10)
+
+
+@pytest.fixture(scope="module")
+def hygiene_run(tmp_path_factory, digit_files):
+    root = tmp_path_factory.mktemp("hygiene")
+    write_manifest(digit_files, root / "m.parquet")  # 60 digits + 3 exact copies of digit 5
+    ws = root / "ws"
+    ingest_flow(
+        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
+                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
+    )  # fmt: skip
+    model_dir = save_diffusion_model(reference_model("tiny", seed=1), root / "model")
+    store = LanceStore(str(ws / "lancedb"))
+    samples_version = store.table("samples").version
+    params = HygieneParams(
+        dataset="digits", model=model_dir, workspace=ws, scorer=ScorerSpec(signal="loss"),
+        mitigation=MitigationConfig(method="finetune", epochs=1, lr=2e-6, batch_size=16),
+        measure=MEASURE, gate=GatePolicy(max_mem_percent_after=100.0),
+        audit_attributes=["stroke", "slant"], progress=False,
+    )  # fmt: skip
+    return ws, model_dir, params, hygiene_flow(params), samples_version
+
+
+def test_removal_set_is_whole_duplicate_groups(hygiene_run):
+    ws, _, _, summary, _ = hygiene_run
+    assert summary.n_samples == 63
+    assert summary.n_removed + summary.n_kept == 63
+    # ceil(1% of 61 distinct images) = 1 image flagged; if it is the quadruplicated digit,
+    # all 4 copies go, otherwise exactly one sample.
+    assert summary.n_flagged_images == 1
+    ids = manifest_ids(Ledger(ws / "ledger.duckdb"), summary.release_tag)
+    dup = LanceStore(str(ws / "lancedb")).read("duplicates", "digits").to_pylist()
+    groups = {r["sample_id"]: r["exact_group"] for r in dup}
+    removed_groups = {groups.get(i, i) for i in ids["removed"]}
+    assert len(removed_groups) == 1
+    members = [i for i in groups if groups[i] in removed_groups] or ids["removed"]
+    assert sorted(ids["removed"]) == sorted(members)
+
+
+def test_release_candidate_holds_the_kept_samples_and_samples_is_unchanged(hygiene_run):
+    ws, _, _, summary, samples_version = hygiene_run
+    store = LanceStore(str(ws / "lancedb"))
+    assert store.table("samples").version == samples_version
+    assert store.count("samples", "digits") == 63
+    ledger = Ledger(ws / "ledger.duckdb")
+    kept = checkout(store, ledger, summary.release_tag, columns=["sample_id"])
+    got = sorted(kept.column("sample_id").to_pylist())
+    assert got == sorted(manifest_ids(ledger, summary.release_tag)["kept"])
+    assert len(got) == summary.n_kept
+    assert summary.release_tag == "digits-candidate-1"
+
+
+def test_ledger_holds_every_step(hygiene_run):
+    ws, _, params, summary, _ = hygiene_run
+    ledger = Ledger(ws / "ledger.duckdb")
+    run = ledger.run(summary.run_id)
+    assert run["status"] == "completed" and run["kind"] == "hygiene"
+    assert ledger.run(summary.score_run)["status"] == "completed"
+    audits = ledger.audits(summary.run_id)
+    assert sorted(a["attribute"] for a in audits) == ["slant", "stroke"]
+    checks = ledger.gate_checks(summary.run_id)
+    assert [c["name"] for c in checks] == [g["name"] for g in summary.gates]
+    assert all(c["policy_version"] == params.gate.version for c in checks)
+    assert summary.gate_table_errors == []
+
+
+def test_gate_measurements_equal_a_direct_computation(hygiene_run):
+    ws, model_dir, _, summary, _ = hygiene_run
+    store = LanceStore(str(ws / "lancedb"))
+    model = load_diffusion_model(model_dir)
+    secrets = images_for_unet(store, "digits", model.unet, summary.secrets).pixels
+    ledger = Ledger(ws / "ledger.duckdb")
+    kept = manifest_ids(ledger, summary.release_tag)["kept"]
+    kept_in_order = [
+        i for i in store.read("samples", "digits", columns=["sample_id"]).column("sample_id")
+        .to_pylist() if i in set(kept)
+    ]  # fmt: skip
+    ref_pixels = images_for_unet(store, "digits", model.unet, kept_in_order).pixels
+    assert summary.reference.startswith(f"{len(kept)} kept training images")
+    direct = measure_model(model, secrets, summary.secrets, ref_pixels, MEASURE)
+    assert summary.before["mem_percent"] == pytest.approx(direct.mem.mem_percent)
+    assert summary.before["fd"] == pytest.approx(direct.fd, rel=1e-9)
+    candidate = load_diffusion_model(summary.candidate_model)
+    # A surgical fine-tune moves the weights, but only a little.
+    diffs = [
+        (a - b).abs().max().item()
+        for a, b in zip(model.unet.parameters(), candidate.unet.parameters(), strict=True)
+    ]
+    assert 0 < max(diffs) < 1e-3
+    assert np.isfinite(summary.after["fd"])
+
+
+def test_unknown_secret_is_refused(hygiene_run):
+    ws, _, params, _, _ = hygiene_run
+    bad = params.model_copy(update={"secrets": ["no-such-key"], "score_run": None})
+    with pytest.raises(ValueError, match="secrets not found"):
+        hygiene_flow(bad)
+    statuses = sorted(r["status"] for r in Ledger(ws / "ledger.duckdb").runs(kind="hygiene"))
+    assert statuses == ["completed", "failed"]
