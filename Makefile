@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 DC     := $(VENV)/bin/diffcurate
 STAMP  := $(VENV)/.diffcurate-installed
 DEMO_CORPUS ?= workspace/demo-corpus
+# Reference-model training steps for the demo (the planted digits are reproduced by ~2,000).
+DEMO_STEPS ?= 2000
+DEMO_MODEL := workspace/models/digits-digits-8px/checkpoints/step-$(shell printf '%08d' $(DEMO_STEPS))
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-all demo lint format clean
@@ -26,9 +29,13 @@ test: setup
 test-all: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# `diffcurate run` exits 1 when a gate fails: that is a result to show, not a broken demo.
 demo: setup
 	$(DC) demo-corpus $(DEMO_CORPUS) --format webdataset
 	$(DC) ingest $(DEMO_CORPUS)/shards --dataset digits
+	$(DC) train --dataset digits --steps $(DEMO_STEPS)
+	$(DC) run --dataset digits --model $(DEMO_MODEL) --secrets $(DEMO_CORPUS)/planted.json \
+		--mitigation retrain --retrain-steps $(DEMO_STEPS) || test $$? -eq 1
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -8,8 +8,15 @@ All rows are measured in one run on one model, side by side.
 Planted set (hashing alone cannot find all of it):
   * exact duplicates: ``--n-exact`` digits, each present ``--copies`` times byte-identically;
   * near duplicates: ``--n-near`` digits, each present ``--copies`` times, every copy shifted
-    by up to one pixel and with Gaussian noise (sigma 0.05 on the [-1, 1] scale).
-The scored set is the ``--n-base`` ordinary digits plus the planted originals (one each).
+    by a random sub-pixel offset (uniform in ±``--max-shift`` px per axis, bilinear) and with
+    Gaussian noise (sigma 0.05 on the [-1, 1] scale), so no two copies share bytes.
+    Why sub-pixel: at 8×8 a whole-pixel shift moves the content by 12.5% of the image side
+    (64 px at 512 px), a different crop rather than a near-duplicate; ±0.5 px is ±6% of the
+    side, the scale of the re-encodes/re-crops near-duplicate detection targets.
+    ``--whole-pixel-shift`` keeps the harder variant (np.roll by -1/0/+1 px) as a stress case.
+The scored set is one entry per distinct planted image plus the ``--n-base`` ordinary digits:
+each exact group's image, and for each near group its FIRST TRAINING COPY (the platform scores
+the training samples it holds; the clean original never appears in training).
 recall@1% = fraction of planted images among the top ceil(1% of the scored set) by score.
 
 Run:  .venv/bin/python benchmarks/risk_signals.py            (about 15 minutes on 2 CPU cores)
@@ -46,8 +53,18 @@ class Corpus:
     near: set[str]
 
 
-def build_corpus(n_base: int, n_exact: int, n_near: int, copies: int, seed: int) -> Corpus:
+def build_corpus(
+    n_base: int,
+    n_exact: int,
+    n_near: int,
+    copies: int,
+    seed: int,
+    max_shift: float = 0.5,
+    whole_pixel: bool = False,
+) -> Corpus:
     """Real 8×8 digits scaled to [-1, 1], with planted exact and near duplicates."""
+    from scipy.ndimage import shift as subpixel_shift
+
     digits = load_digits().images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> -1..1
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits))
@@ -57,16 +74,24 @@ def build_corpus(n_base: int, n_exact: int, n_near: int, copies: int, seed: int)
     train_imgs = [digits[i] for i in base_idx]
     for i in exact_idx:
         train_imgs += [digits[i]] * copies
+    near_reps = []
     for i in near_idx:
-        for _ in range(copies):
-            dy, dx = rng.integers(-1, 2, size=2)
-            shifted = np.roll(digits[i], (dy, dx), axis=(0, 1))
+        for c in range(copies):
+            if whole_pixel:
+                dy, dx = rng.integers(-1, 2, size=2)
+                shifted = np.roll(digits[i], (dy, dx), axis=(0, 1))
+            else:
+                offset = rng.uniform(-max_shift, max_shift, size=2)
+                shifted = subpixel_shift(digits[i], offset, order=1, mode="constant", cval=-1.0)
             noisy = shifted + rng.normal(0, 0.05, size=shifted.shape).astype(np.float32)
-            train_imgs.append(np.clip(noisy, -1, 1))
+            train_imgs.append(np.clip(noisy, -1, 1).astype(np.float32))
+            if c == 0:
+                near_reps.append(train_imgs[-1])
     scored_idx = [*base_idx, *exact_idx, *near_idx]
+    scored = np.concatenate([digits[[*base_idx, *exact_idx]], np.stack(near_reps)])
     return Corpus(
         train=torch.from_numpy(np.stack(train_imgs)[:, None]),
-        scored=torch.from_numpy(digits[scored_idx][:, None]),
+        scored=torch.from_numpy(scored[:, None]),
         scored_ids=[f"digit-{i}" for i in scored_idx],
         planted={f"digit-{i}" for i in [*exact_idx, *near_idx]},
         exact={f"digit-{i}" for i in exact_idx},
@@ -104,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-exact", type=int, default=5, help="planted exact-duplicate digits")
     parser.add_argument("--n-near", type=int, default=5, help="planted near-duplicate digits")
     parser.add_argument("--copies", type=int, default=30, help="copies of each planted digit")
+    parser.add_argument(
+        "--max-shift", type=float, default=0.5, help="near copies: max sub-pixel shift (px)"
+    )
+    parser.add_argument(
+        "--whole-pixel-shift",
+        action="store_true",
+        help="near copies: np.roll by -1/0/+1 px instead (stress case)",
+    )
     parser.add_argument("--steps", type=int, default=3000, help="training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -123,10 +156,22 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}\n"
     )
-    corpus = build_corpus(args.n_base, args.n_exact, args.n_near, args.copies, args.seed)
+    corpus = build_corpus(
+        args.n_base,
+        args.n_exact,
+        args.n_near,
+        args.copies,
+        args.seed,
+        max_shift=args.max_shift,
+        whole_pixel=args.whole_pixel_shift,
+    )
+    shift_desc = (
+        "whole-pixel shifts" if args.whole_pixel_shift else f"sub-pixel shifts ±{args.max_shift}px"
+    )
     print(
         f"corpus: {len(corpus.train)} training images = {args.n_base} digits + "
-        f"{args.n_exact} exact x{args.copies} + {args.n_near} near-duplicate x{args.copies}; "
+        f"{args.n_exact} exact x{args.copies} + {args.n_near} near-duplicate x{args.copies} "
+        f"({shift_desc} + noise 0.05); "
         f"{len(corpus.scored)} distinct images scored; recall@1% looks at the top "
         f"{math.ceil(0.01 * len(corpus.scored))}\n"
     )
