@@ -174,3 +174,31 @@ def test_train_resumes_and_sample_writes_a_grid(tmp_path, digit_files):
     assert res.exit_code == 2 and "unknown reference architecture" in res.output
     res = invoke("sample", "-m", tmp_path / "missing", "-o", tmp_path / "x.png")
     assert res.exit_code == 2
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files):
+    import json
+
+    write_folder(digit_files, tmp_path / "src")  # 60 digits + 3 copies of digit 5
+    ws = tmp_path / "ws"
+    assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
+    res = invoke("train", "-d", "digits", "--arch", "tiny", "--steps", 5, "--batch-size", 8,
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000005"
+    (tmp_path / "secrets.json").write_text(json.dumps({"planted_keys": ["dup-0", "000000003"]}))
+    res = invoke("run", "-d", "digits", "-m", model, "--secrets", tmp_path / "secrets.json",
+                 "--generations", 8, "--max-mem", 100, "--audit-attribute", "stroke",
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code in (0, 1), res.output
+    for expected in ("Mem%", "FD", "KID", "gate decision", "digits-candidate-1", "stroke",
+                     "2 (configured)"):  # fmt: skip
+        assert expected in res.output, expected
+    releases = [r["tag"] for r in Ledger(ws / "ledger.duckdb").releases("digits")]
+    assert releases == ["digits-candidate-1"]
+    res = invoke("run", "-d", "digits", "-m", model, "--secrets", "no-such-key", "-w", ws)
+    assert res.exit_code == 2 and "secrets not found" in res.output
+    (tmp_path / "bad.json").write_text(json.dumps({"planted_keys": [1, 2]}))
+    res = invoke("run", "-d", "digits", "-m", model, "--secrets", tmp_path / "bad.json", "-w", ws)
+    assert res.exit_code == 2 and "expected a list" in res.output
