@@ -65,7 +65,7 @@ from diffcurate.influence.bif import (
     sgld_chains,
 )
 from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
-from tiny_unets import images, scheduler, tiny_mlp
+from tiny_unets import captions, images, scheduler, tiny_cond_unet, tiny_mlp, tiny_unet
 
 D = 2
 N_SAMPLES = 6
@@ -428,6 +428,22 @@ def test_divergence_raises_a_clear_error(mlp_setup):
     config = small_config(step_size=1e10, localization=1e10)
     with pytest.raises(FloatingPointError, match="step_size"):
         loss_traces(obj, model, x, keys, config=config)
+
+
+def test_runs_on_diffusers_unets_with_and_without_conditioning():
+    obj = objective(timesteps=(100,))
+    x = images(4, (1, 8, 8), seed=6)
+    keys = list(range(4))
+    cfg = small_config(chains=2, draws=3, burn_in=0, thinning=1, batch_size=2)
+    res = bif_risk(obj, tiny_unet(), x, keys, cfg)
+    assert np.isfinite(res.score).all() and (res.score > 0).all()
+    cond = captions(4)
+    att = bif_attribution(
+        obj, tiny_cond_unet(), x[:3], keys[:3], x[3:], keys[3:],
+        cfg.model_copy(update={"gradient_draws": "keyed"}), train_cond=cond[:3],
+        query_cond=cond[3:],
+    )  # fmt: skip
+    assert att.bif.shape == (1, 3) and np.isfinite(att.bif).all()
 
 
 def test_config_rejects_bad_values_and_counts_steps():

@@ -22,10 +22,10 @@ query, the sign convention of ``ekfac_attribution`` and ``dmin.attribute``.
 
 Risk. The self-BIF of a sample is −Var_γ(ℓ_i): a sample whose loss moves a lot over the local
 posterior sits in a sharp, sample-specific direction of the loss landscape (to first order
-Var ≈ g_iᵀ (H + γI/nβ)⁻¹ g_i / nβ, seed 004 App. A: a damped self-influence). The risk score is the
-posterior loss variance Var_γ(ℓ_i) (HIGH = risky); ``stderr`` is the standard error of the pooled
-variance across chains, std_c(Var_c) / sqrt(C) with Var_c the variance within chain c (NaN for one
-chain).
+Var ≈ g_iᵀ (nβ H̄ + γI)⁻¹ g_i, H̄ the Hessian of L̄ at w*, g_i = ∇ℓ_i: a damped self-influence,
+seed 004 App. A). The risk score is the posterior loss variance Var_γ(ℓ_i) (HIGH = risky);
+``stderr`` is the standard error of the pooled variance across chains, std_c(Var_c) / sqrt(C)
+with Var_c the variance within chain c (NaN for one chain).
 
 Sampler (seed 004 §3.1 and Algorithm 1, followed exactly)
 ---------------------------------------------------------

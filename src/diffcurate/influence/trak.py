@@ -41,8 +41,10 @@ numbers. Queries and training samples must use the same seed, model and k.
 
 Damping. ``damping=None`` (default) uses λ = 1e-3 × tr(ΦᵀΦ)/k (a thousandth of the kernel's mean
 eigenvalue), which keeps the kernel invertible when n < k; TRAK's own default is λ = 0 (an exact
-inverse, valid once n ≥ k), available as ``damping=0``. Default k = 2048 and Rademacher entries
-(the ``trak`` library's ``TRAKer`` defaults).
+inverse, valid once n ≥ k), available as ``damping=0``. Default k = 2048 (the ``trak`` library's
+``TRAKer`` default) with Rademacher entries; ``projection="gaussian"`` is what D-TRAK's released
+code uses. The ``trak`` library leaves P unscaled and divides gradients by sqrt(d) instead; the
+1/sqrt(k) scaling here only changes what a given λ means, not the method.
 
 Timesteps: the objective's schedule decides the draws (D-TRAK uses K timesteps uniformly spaced
 over [0, 1000)); every sample uses its own keyed (t, ε) draws, so features do not depend on batch
