@@ -103,6 +103,14 @@ def test_gate_measurements_equal_a_direct_computation(hygiene_run):
     direct = measure_model(model, secrets, summary.secrets, ref_pixels, MEASURE)
     assert summary.before["mem_percent"] == pytest.approx(direct.mem.mem_percent)
     assert summary.before["fd"] == pytest.approx(direct.fd, rel=1e-9)
+    # Reviewers see each secret's closest generation, before and after.
+    for phase in ("before", "after"):
+        saved = sorted(p.stem for p in (ws / "runs" / summary.run_id / "gate" / phase).iterdir())
+        assert saved == sorted(summary.secrets)
+    first = summary.secrets[0]
+    assert summary.per_secret[first]["before"] == pytest.approx(
+        direct.mem.secrets[0].best_value
+    )
     candidate = load_diffusion_model(summary.candidate_model)
     # A surgical fine-tune moves the weights, but only a little.
     diffs = [

@@ -109,6 +109,8 @@ class HygieneSummary(BaseModel):
     gates: list[dict[str, Any]] = Field(default_factory=list)
     gate_passed: bool | None = None
     gate_table_errors: list[str] = Field(default_factory=list)
+    gate_images: str = ""
+    per_secret: dict[str, dict[str, float | None]] = Field(default_factory=dict)
     release_tag: str = ""
     seconds: float = 0.0
 
@@ -159,9 +161,10 @@ def measure_task(
     config: MeasureConfig,
     secret_cond: torch.Tensor | None,
     reference_cond: torch.Tensor | None,
+    save_closest_to: Path | None = None,
 ) -> ModelMeasurement:
     return measure_model(model, secrets, secret_ids, reference, config, secret_cond,
-                         reference_cond)  # fmt: skip
+                         reference_cond, save_closest_to)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -344,11 +347,19 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             summary.reference = f"{len(ref_ids)} kept training images (no held-out dataset)"
         secret_cond = _captions(model, frame, secret_ids)
         ref_cond = _captions(model, frame, ref_ids)
+        gate_dir = ws / "runs" / run_id / "gate"
         before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
-                              params.measure, quote(secret_cond), quote(ref_cond))  # fmt: skip
+                              params.measure, quote(secret_cond), quote(ref_cond),
+                              gate_dir / "before")  # fmt: skip
         after = measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
-                             params.measure, quote(secret_cond), quote(ref_cond))  # fmt: skip
+                             params.measure, quote(secret_cond), quote(ref_cond),
+                             gate_dir / "after")  # fmt: skip
+        summary.gate_images = str(gate_dir)
         summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
+        summary.per_secret = {
+            b.secret_id: {"before": b.best_value, "after": a.best_value}
+            for b, a in zip(before.mem.secrets, after.mem.secrets, strict=True)
+        }
         decision: GateDecision = evaluate_gates(
             params.gate, mem_before=before.mem, mem_after=after.mem, fd_before=before.fd,
             fd_after=after.fd, audit=audit if audit is not None else True,
