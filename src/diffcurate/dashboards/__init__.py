@@ -1,0 +1,7 @@
+"""The review web app: flagged images, audits, gates, reviewer marks and release decisions.
+
+It reads through :mod:`diffcurate.storage` and writes only ledger records: reviewer marks
+(:mod:`diffcurate.storage.reviews`) and approve/reject decisions through
+:mod:`diffcurate.storage.releases`, the same functions ``diffcurate release approve|reject`` call.
+Start it with ``diffcurate serve``; create users with ``diffcurate users add``.
+"""

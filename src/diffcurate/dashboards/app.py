@@ -1,0 +1,487 @@
+"""The review app: FastAPI routes rendering Jinja2 templates, server-side only.
+
+Pages (any logged-in user): runs, run detail (score histogram, per-layer plot, flagged grid),
+audit, gates, releases, release detail. Actions (POST, each with a :func:`~.security.Policy`):
+reviewer marks keep/remove; approver approves or rejects through
+:mod:`diffcurate.storage.releases`, exactly as ``diffcurate release approve|reject`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffcurate.dashboards import plots
+from diffcurate.dashboards.data import DashboardData, NotFound
+from diffcurate.dashboards.security import (
+    CSRF_FIELD,
+    LOGIN_CSRF_COOKIE,
+    PHASE,
+    PUBLIC,
+    RUN_ID,
+    SAMPLE_ID,
+    SESSION_COOKIE,
+    TAG,
+    LoginThrottle,
+    NotLoggedIn,
+    Policy,
+    Session,
+    Sessions,
+    current_session,
+    guard,
+    route_role,
+    viewer,
+)
+from diffcurate.dashboards.thumbs import thumbnail_png
+from diffcurate.storage import releases as rel
+from diffcurate.storage import reviews
+
+HERE = Path(__file__).parent
+PER_PAGE = 48
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+_NEXT = re.compile(r"^/(runs|releases)(/[A-Za-z0-9_.-]+)*/?(\?page=[0-9]{1,6})?$")
+
+RunId = Annotated[str, PathParam(pattern=RUN_ID)]
+SampleId = Annotated[str, PathParam(pattern=SAMPLE_ID)]
+Tag = Annotated[str, PathParam(pattern=TAG)]
+Viewer = Annotated[Session, Depends(viewer)]
+
+
+def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
+    """The app serving one workspace (its ledger and LanceDB tables)."""
+    app = FastAPI(title="diffcurate review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.data = data = DashboardData(workspace)
+    app.state.sessions = Sessions()
+    app.state.throttle = LoginThrottle()
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["fmt"] = plots.fmt
+    templates.env.globals["CSRF_FIELD"] = CSRF_FIELD
+
+    def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        session = current_session(request)
+        return templates.TemplateResponse(
+            request, name, {"session": session, **ctx}, status_code=status
+        )
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        return response
+
+    @app.exception_handler(NotLoggedIn)
+    async def to_login(request: Request, exc: NotLoggedIn):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        nxt = f"?next={quote(target, safe='')}" if _NEXT.match(target) else ""
+        return RedirectResponse(f"/login{nxt}", status_code=303)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return page(request, "error.html", 404, title="Not found",
+                    message="No such page: an id in the address is malformed.")  # fmt: skip
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        titles = {401: "Log in first", 403: "Not allowed", 404: "Not found", 409: "Refused"}
+        return page(
+            request,
+            "error.html",
+            exc.status_code,
+            title=titles.get(exc.status_code, "Error"),
+            message=str(exc.detail),
+        )
+
+    # Public ------------------------------------------------------------------------------
+    @app.get("/static/dashboard.css")
+    def css() -> Response:
+        return Response((HERE / "static" / "dashboard.css").read_bytes(), media_type="text/css",
+                        headers={"Cache-Control": "max-age=3600"})  # fmt: skip
+
+    @app.get("/login")
+    def login_form(request: Request, next: str = "") -> HTMLResponse:
+        token = _token()
+        resp = page(request, "login.html", login_csrf=token, next=_safe_next(next))
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                        secure=secure_cookies, max_age=3600)  # fmt: skip
+        return resp
+
+    @app.post("/login", openapi_extra=Policy(PUBLIC))
+    def login(request: Request, _: Annotated[None, Depends(guard(PUBLIC))]) -> Response:
+        form = request.state.form
+        client = request.client.host if request.client else "?"
+        if app.state.throttle.blocked(client):
+            raise HTTPException(429, "too many failed logins; wait a minute")
+        with data.lock:
+            user = data.users.authenticate(form.get("token", "").strip())
+        if user is None:
+            app.state.throttle.failed(client)
+            token = _token()
+            resp = page(request, "login.html", 401, login_csrf=token, error="Unknown token.",
+                        next=_safe_next(form.get("next", "")))  # fmt: skip
+            resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
+                            secure=secure_cookies, max_age=3600)  # fmt: skip
+            return resp
+        sid, _session = app.state.sessions.create(user)
+        resp = RedirectResponse(_safe_next(form.get("next", "")) or "/runs", status_code=303)
+        resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict",
+                        secure=secure_cookies)  # fmt: skip
+        resp.delete_cookie(LOGIN_CSRF_COOKIE)
+        return resp
+
+    @app.post("/logout", openapi_extra=Policy("viewer"))
+    def logout(request: Request, _: Annotated[Session, Depends(guard("viewer"))]) -> Response:
+        app.state.sessions.drop(request.cookies.get(SESSION_COOKIE))
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE)
+        return resp
+
+    # Pages -------------------------------------------------------------------------------
+    @app.get("/")
+    def home(session: Viewer) -> Response:
+        return RedirectResponse("/runs", status_code=303)
+
+    @app.get("/runs")
+    def runs(request: Request, session: Viewer) -> HTMLResponse:
+        return page(request, "runs.html", runs=data.runs(), releases=data.release_status())
+
+    @app.get("/runs/{run_id}")
+    def run_detail(
+        request: Request, run_id: RunId, session: Viewer,
+        page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1,
+    ) -> HTMLResponse:  # fmt: skip
+        run = _run(data, run_id)
+        if run["kind"] != "hygiene":
+            return page(request, "run_other.html", run=run)
+        stats = run["stats"]
+        ctx: dict[str, Any] = {"run": run, "stats": stats, "tab": "flagged"}
+        ctx.update(_release_ctx(data, stats.get("release_tag")))
+        grid = data.flagged_page(run, page_no, PER_PAGE)
+        ctx["grid"] = grid
+        scores = data.scores(stats.get("score_run", "")) if stats.get("score_run") else {}
+        removed = set()
+        if stats.get("release_tag"):
+            with data.lock:
+                removed = set(rel.manifest_ids(data.ledger, stats["release_tag"])["removed"])
+        flagged_scores = [s for k, s in scores.items() if k in removed]
+        ctx["histogram"] = plots.histogram(
+            list(scores.values()), [k in removed for k in scores],
+            threshold=min(flagged_scores) if flagged_scores else None,
+            title=f"{run['params'].get('scorer', {}).get('signal', 'risk')} score",
+        )  # fmt: skip
+        layers = data.per_layer(stats["score_run"], removed) if stats.get("score_run") else None
+        ctx["layers"] = None
+        if layers:
+            series = [plots.Series("all samples", layers["all"], plots.KEPT)]
+            if layers["flagged"] is not None:
+                series.append(plots.Series("flagged", layers["flagged"], plots.FLAGGED))
+            ctx["layers"] = plots.hbars(layers["names"], series, title="mean per-layer score",
+                                        width=560)  # fmt: skip
+        ctx["can_review"] = (ctx["candidate_open"] and current_session(request).user.can(
+            "reviewer"))  # fmt: skip
+        return page(request, "run.html", **ctx)
+
+    @app.get("/runs/{run_id}/audit")
+    def audit(request: Request, run_id: RunId, session: Viewer) -> HTMLResponse:
+        run = _run(data, run_id)
+        with data.lock:
+            rows = data.ledger.audits(run_id)
+        policy = run["params"].get("audit") or {}
+        ratio = float(policy.get("min_retention_ratio", 0.8))
+        charts = []
+        for a in rows:
+            groups = list(a["groups"].values())
+            retention = [g["retention_rate"] for g in groups if g.get("included", True)]
+            limit = 1 - ratio * max(retention) if retention else None
+            labels = [f"{g['group']} (n={g['n']})" for g in groups]
+            rates = [g["removal_rate"] for g in groups]
+            charts.append(plots.hbars(
+                labels, [plots.Series("removal rate", rates, plots.KEPT)], ref=limit,
+                ref_label="four-fifths limit", percent=True,
+                highlight=[limit is not None and r > limit + 1e-12 for r in rates],
+                title=f"removal rate by {a['attribute']}",
+            ))  # fmt: skip
+        return page(request, "audit.html", run=run, stats=run["stats"], audits=rows,
+                    charts=charts, ratio=ratio, tab="audit",
+                    **_release_ctx(data, run["stats"].get("release_tag")))  # fmt: skip
+
+    @app.get("/runs/{run_id}/gates")
+    def gates(request: Request, run_id: RunId, session: Viewer) -> HTMLResponse:
+        run = _run(data, run_id)
+        stats = run["stats"]
+        with data.lock:
+            checks = data.ledger.gate_checks(run_id)
+        charts = []
+        for c in checks:
+            if c["value_before"] is None and c["value_after"] is None:
+                continue
+            charts.append(plots.hbars(
+                ["before", "after"],
+                [plots.Series(c["name"], [c["value_before"], c["value_after"]], plots.AFTER)],
+                ref=c["threshold"], ref_label="threshold", width=420,
+                highlight=[False, not c["passed"]], title=c["name"],
+            ))  # fmt: skip
+        secrets = [
+            {"id": s, "before": (stats.get("per_secret") or {}).get(s, {}).get("before"),
+             "after": (stats.get("per_secret") or {}).get(s, {}).get("after"),
+             "has": {p: _has_gate_image(data, run, p, s) for p in ("before", "after")}}
+            for s in (stats.get("secrets") or [])[:200]
+        ]  # fmt: skip
+        data.prefetch([s["id"] for s in secrets])
+        tau = (run["params"].get("measure") or {}).get("memorization") or {}
+        return page(request, "gates.html", run=run, stats=stats, checks=checks, charts=charts,
+                    secrets=secrets, tau=tau, tab="gates",
+                    **_release_ctx(data, stats.get("release_tag")))  # fmt: skip
+
+    @app.get("/releases")
+    def releases(request: Request, session: Viewer) -> HTMLResponse:
+        infos = sorted(data.release_status().values(), key=lambda i: i.created_at, reverse=True)
+        return page(request, "releases.html", releases=infos)
+
+    @app.get("/releases/{tag}")
+    def release(request: Request, tag: Tag, session: Viewer, done: str = "") -> HTMLResponse:
+        ctx = _release_ctx(data, tag)
+        if ctx["release"] is None:
+            raise HTTPException(404, f"no candidate or release tagged {tag}")
+        notes = {"approved": "Approved.", "rejected": "Rejected.", "marked": "Mark recorded."}
+        data.prefetch(list(ctx["manifest"].get("removed_ids", []))[: ctx["n_removed_shown"]])
+        return page(request, "release.html", notice=notes.get(done), **ctx)
+
+    @app.get("/releases/{tag}/manifest.json")
+    def manifest(tag: Tag, session: Viewer) -> Response:
+        try:
+            body = data.manifest_json(tag)
+        except NotFound:
+            raise HTTPException(404, f"no candidate or release tagged {tag}") from None
+        return Response(
+            body,
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{tag}.json"'},
+        )
+
+    @app.get("/thumbs/{sample_id}.png")
+    def thumb(sample_id: SampleId, session: Viewer) -> Response:
+        try:
+            png = data.thumbnail(sample_id)
+        except NotFound:
+            raise HTTPException(404, "no such sample") from None
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+
+    @app.get("/runs/{run_id}/gate/{phase}/{secret_id}.png")
+    def gate_image(
+        run_id: RunId, phase: Annotated[str, PathParam(pattern=PHASE)], secret_id: SampleId,
+        session: Viewer,
+    ) -> Response:  # fmt: skip
+        run = _run(data, run_id)
+        try:
+            path = data.gate_image_path(run, phase, secret_id)
+        except NotFound:
+            raise HTTPException(404, "no saved generation for this secret") from None
+        return Response(thumbnail_png(path.read_bytes()), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+
+    # Actions -----------------------------------------------------------------------------
+    @app.post("/releases/{tag}/samples/{sample_id}/mark", openapi_extra=Policy("reviewer"))
+    def mark(
+        request: Request, tag: Tag, sample_id: SampleId,
+        session: Annotated[Session, Depends(guard("reviewer"))],
+    ) -> Response:  # fmt: skip
+        form = request.state.form
+        choice = form.get("mark", "")
+        if choice not in reviews.MARKS:
+            raise HTTPException(400, "mark must be keep or remove")
+        comment = form.get("comment", "").strip()[:2000]
+        with data.lock:
+            row = _open_candidate(data, tag)
+            ids = rel.manifest_ids(data.ledger, tag)
+            if sample_id not in set(ids["kept"]) | set(ids["removed"]):
+                raise HTTPException(404, f"{sample_id} is not a sample of {tag}")
+            index = data.index(row["dataset"])
+            in_release = set(ids["kept"]) | set(ids["removed"])
+            members = [s for s in index.members(sample_id) if s in in_release]
+            current = reviews.effective_marks(data.marks(tag)).get(sample_id)
+            if not (
+                current
+                and current["mark"] == choice
+                and current["actor"] == session.user.name
+                and set(current["sample_ids"]) == set(members)
+            ):
+                reviews.record_mark(data.ledger, tag, sample_id=sample_id, sample_ids=members,
+                                    mark=choice, actor=session.user.name,
+                                    role=session.user.role, comment=comment)  # fmt: skip
+        back = _safe_next(form.get("next", "")) or f"/releases/{tag}?done=marked"
+        return RedirectResponse(f"{back}#s-{sample_id}", status_code=303)
+
+    @app.post("/releases/{tag}/approve", openapi_extra=Policy("approver"))
+    def approve(
+        request: Request, tag: Tag, session: Annotated[Session, Depends(guard("approver"))]
+    ) -> Response:
+        form = request.state.form
+        comment = form.get("comment", "").strip()[:4000]
+        reason = form.get("override_reason", "").strip()[:4000]
+        if not comment:
+            raise HTTPException(400, "say why you approve: the comment is required")
+        with data.lock:
+            row = _open_candidate(data, tag)
+            failed = _failed_checks(row["manifest"])
+            if failed and not reason:
+                raise HTTPException(
+                    409, f"{tag} failed {', '.join(failed)}: approving it needs an override "
+                    "reason, which is recorded")  # fmt: skip
+            text = f"{comment} | override reason: {reason}" if failed else comment
+            try:
+                newer = reviews.apply_marks(data.store, data.ledger, tag, session.user.name)
+                target = newer.tag if newer is not None else tag
+                rel.approve(data.store, data.ledger, target, session.user.name, text,
+                            role=session.user.role, override=bool(failed))  # fmt: skip
+            except (rel.ReleaseError, reviews.ReviewError) as e:
+                raise HTTPException(409, str(e)) from e
+        return RedirectResponse(f"/releases/{target}?done=approved", status_code=303)
+
+    @app.post("/releases/{tag}/reject", openapi_extra=Policy("approver"))
+    def reject(
+        request: Request, tag: Tag, session: Annotated[Session, Depends(guard("approver"))]
+    ) -> Response:
+        comment = request.state.form.get("comment", "").strip()[:4000]
+        if not comment:
+            raise HTTPException(400, "say why you reject: the comment is required")
+        with data.lock:
+            _open_candidate(data, tag)
+            try:
+                rel.reject(data.store, data.ledger, tag, session.user.name, comment,
+                           role=session.user.role)  # fmt: skip
+            except rel.ReleaseError as e:
+                raise HTTPException(409, str(e)) from e
+        return RedirectResponse(f"/releases/{tag}?done=rejected", status_code=303)
+
+    @app.get("/healthz")
+    def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    check_policies(app)
+    return app
+
+
+def check_policies(app: FastAPI) -> None:
+    """Refuse a route table in which a state-changing route has no policy or no guard."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not (route.methods - {"GET", "HEAD"}):
+            continue
+        role = route_role(route)
+        guarded = any(getattr(d.call, "__qualname__", "").startswith("guard.")
+                      for d in route.dependant.dependencies)  # fmt: skip
+        if role is None or not guarded:
+            raise RuntimeError(f"{route.path} changes state without a Policy and guard()")
+
+
+def _token() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def _safe_next(target: str) -> str:
+    """A local page to return to, or ''; never another host (open redirect)."""
+    return target if target and _NEXT.match(target) else ""
+
+
+def _run(data: DashboardData, run_id: str) -> dict[str, Any]:
+    try:
+        return data.run(run_id)
+    except NotFound:
+        raise HTTPException(404, f"no run {run_id}") from None
+
+
+def _failed_checks(manifest: dict[str, Any]) -> list[str]:
+    failed = []
+    if manifest.get("gate_passed") is False:
+        failed.append("its gates")
+    audit = manifest.get("audit")
+    if isinstance(audit, dict) and audit.get("passed") is False:
+        failed.append("its fairness audit")
+    return failed
+
+
+def _open_candidate(data: DashboardData, tag: str) -> dict[str, Any]:
+    """The ledger row of a candidate that can still be marked and decided, else an HTTP error."""
+    try:
+        row = data.candidate(tag)
+    except NotFound:
+        raise HTTPException(404, f"no candidate tagged {tag}") from None
+    if row["kind"] != "candidate":
+        raise HTTPException(409, f"{tag} is a release; decisions are taken on candidates")
+    status = rel.show(data.ledger, tag).status
+    if status != "pending":
+        raise HTTPException(409, f"{tag} is already {status}; a candidate is decided once")
+    if (newer := reviews.superseded_by(data.ledger, tag)) is not None:
+        raise HTTPException(409, f"{tag} was superseded by {newer}; decide on that one")
+    return row
+
+
+def _has_gate_image(data: DashboardData, run: dict[str, Any], phase: str, sid: str) -> bool:
+    try:
+        data.gate_image_path(run, phase, sid)
+    except NotFound:
+        return False
+    return True
+
+
+def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
+    """What the release panel and page need: info, manifest, decisions, marks, supersession."""
+    empty = {"release": None, "candidate_open": False, "failed": [], "marks": [],
+             "effective": {}, "superseded_by": None, "decisions": [], "manifest": {},
+             "pending_changes": 0}  # fmt: skip
+    if not tag:
+        return empty
+    with data.lock:
+        try:
+            shown = rel.show_release(data.ledger, tag)
+        except rel.ReleaseNotFound:
+            return empty
+        manifest = shown["manifest"]
+        info = shown["info"]
+        newer = reviews.superseded_by(data.ledger, tag) if info.kind == "candidate" else None
+        marks = data.marks(tag) if info.kind == "candidate" else []
+        changes = 0
+        if marks:
+            ids = rel.manifest_ids(data.ledger, tag)
+            changes = len(reviews.marked_sets(ids["kept"], ids["removed"], marks)[2])
+    release_of = None
+    if info.kind == "candidate":
+        final = rel.release_tag(info.dataset, info.n)
+        release_of = final if info.status == "approved" else None
+    return {
+        "release": info,
+        "manifest": manifest,
+        "decisions": shown["decisions"],
+        "marks": marks,
+        "effective": reviews.effective_marks(marks),
+        "superseded_by": newer,
+        "failed": _failed_checks(manifest),
+        "pending_changes": changes,
+        "candidate_open": info.kind == "candidate" and info.status == "pending" and not newer,
+        "released_as": release_of,
+        "n_removed_shown": min(200, len(manifest.get("removed_ids", []))),
+        "math": math,
+    }
