@@ -1,16 +1,23 @@
-"""The score flow: a risk signal over every sample of a dataset, shard by shard, resumable.
+"""The score flow: a scorer over every sample of a dataset, shard by shard, resumable.
 
 Steps:
     1. Fingerprint the run (dataset, model files, scorer spec). If an interrupted or failed run
        has the same fingerprint, resume it; otherwise record a new run in the ledger.
-    2. Load the diffusion model from its local directory.
-    3. List the dataset's sample ids (sorted: shards are stable across runs) and drop those the
-       run has already scored.
-    4. For each shard: load and convert its images, compute the signal, write ``scores`` rows
-       (merge on ``run_id/sample_id``: a retried or resumed shard adds nothing twice).
-    5. Close the run with summary statistics, layer names and timesteps.
+    2. Load the diffusion model from its local directory (not for the model-free ``random`` and
+       ``clip-knn``).
+    3. List the dataset's sample ids (sorted: shards are stable across runs), group them into
+       units of work (single samples; whole minibatches for ``global-hessian``) and drop the
+       units the run has already scored.
+    4. Compute the run's dataset-level state once: the fit set and EK-FAC factors / TRAK kernel
+       / BIF chains, or the CLIP embeddings of the dataset (see ``prepare_scorer``).
+    5. For each shard: load and convert its images, compute the signal, write ``scores`` rows
+       (merge on ``run_id/sample_id``: a retried or resumed shard adds nothing twice). ``dmin``
+       writes gradient sketches to the ``sketches`` table instead, and builds its ANN index
+       after the last shard.
+    6. Close the run with summary statistics, layer names and timesteps.
 
-Scores never depend on shard boundaries: the (t, ε) draws and probes are keyed by sample id.
+Scores never depend on shard boundaries: the (t, ε) draws and probes are keyed by sample id,
+and dataset-level state is computed from the whole dataset's ids, not from a shard.
 """
 
 from __future__ import annotations
@@ -25,15 +32,23 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffcurate.flows.progress import progress_bar
 from diffcurate.influence.objective import ScoreResult
-from diffcurate.influence.registry import ScorerSpec
+from diffcurate.influence.registry import ScorerSpec, batch_units
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.schemas import SCORES
-from diffcurate.tasks.score import load_model, score_shard, write_scores
+from diffcurate.storage.sketches import SKETCH_TABLE, SketchStore
+from diffcurate.tasks.score import (
+    load_model,
+    prepare_scorer,
+    score_shard,
+    sketch_shard,
+    write_scores,
+    write_sketches,
+)
 
 
 class ScoreParams(BaseModel):
@@ -42,12 +57,22 @@ class ScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: DatasetName = Field(description="Dataset to score (as ingested).")
-    model: Path = Field(description="Local diffusers model directory (unet/ + scheduler/).")
+    model: Path | None = Field(
+        None,
+        description="Local diffusers model directory (unet/ + scheduler/); not needed by the "
+        "model-free random and clip-knn scorers.",
+    )
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
     workspace: Path = Path("workspace")
     shard_size: int = Field(256, ge=1, description="Samples per shard (unit of commit/resume).")
     resume: bool = Field(True, description="Resume an interrupted run with the same fingerprint.")
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _model_given(self) -> ScoreParams:
+        if self.model is None and self.scorer.uses_model:
+            raise ValueError(f"the {self.scorer.signal} scorer needs a model directory")
+        return self
 
 
 class ScoreSummary(BaseModel):
@@ -64,6 +89,10 @@ class ScoreSummary(BaseModel):
     layer_names: list[str] = Field(default_factory=list)
     timesteps: list[int] = Field(default_factory=list)
     score_quantiles: dict[str, float] = Field(default_factory=dict)
+    fit_size: int = 0
+    state_seconds: float = 0.0
+    sketch_table: str = ""
+    sketch_index: str = ""
     seconds: float = 0.0
 
 
@@ -79,9 +108,9 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def run_fingerprint(params: ScoreParams) -> str:
-    spec = params.scorer.model_dump(mode="json")
-    spec["timesteps"] = list(params.scorer.effective_timesteps)
-    payload = {"dataset": params.dataset, "model": model_fingerprint(params.model), "spec": spec}
+    spec = params.scorer.fingerprint_payload()
+    model = "none" if params.model is None else model_fingerprint(params.model)
+    payload = {"dataset": params.dataset, "model": model, "spec": spec}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -110,16 +139,41 @@ def _rows(result: ScoreResult, run_id: str, dataset: str, signal: str) -> pa.Tab
     )
 
 
+def shards_of(units: list[list[str]], shard_size: int) -> list[list[str]]:
+    """Consecutive units joined into shards of at least ``shard_size`` samples (the last may be
+    smaller); a unit is never split."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    for unit in units:
+        current.extend(unit)
+        if len(current) >= shard_size:
+            shards.append(current)
+            current = []
+    if current:
+        shards.append(current)
+    return shards
+
+
+def sketch_table_for(uri: str, width: int) -> SketchStore:
+    """The ``sketches`` table, or ``sketches_<width>`` when it holds another vector width
+    (one Lance table holds one width)."""
+    store = SketchStore(uri)
+    if store.width() in (None, width):
+        return store
+    return SketchStore(uri, table=f"{SKETCH_TABLE}_{width}")
+
+
 @flow(name="score", validate_parameters=True)
 def score_flow(params: ScoreParams) -> ScoreSummary:
-    """Score every sample of a dataset with one risk signal; resumable."""
+    """Score every sample of a dataset with one scorer (or sketch it, for dmin); resumable."""
     log = get_run_logger()
     started = time.perf_counter()
-    store = LanceStore(str(params.workspace / "lancedb"))
+    uri = str(params.workspace / "lancedb")
+    store = LanceStore(uri)
     ledger = Ledger(params.workspace / "ledger.duckdb")
     spec = params.scorer
     # 1. Run identity.
-    if not params.model.is_dir():
+    if params.model is not None and not params.model.is_dir():
         raise FileNotFoundError(f"model directory not found: {params.model}")
     fingerprint = run_fingerprint(params)
     run_id = ledger.resumable_run("score", fingerprint) if params.resume else None
@@ -131,7 +185,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         run_id = ledger.start_run(
             "score",
             dataset=params.dataset,
-            source=str(params.model),
+            source=str(params.model or "-"),
             params={**params.model_dump(mode="json"), "fingerprint": fingerprint},
         )
     summary = ScoreSummary(
@@ -140,7 +194,12 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
     )  # fmt: skip
     try:
         # 2. Model.
-        model = load_model(params.model, spec)
+        model = None
+        if params.model is not None and spec.uses_model:
+            model = load_model(params.model, spec)
+            summary.timesteps = list(
+                spec.objective(model.scheduler, model.vae).schedule.timesteps or ()
+            )
         # 3. Work list.
         ids = sorted(
             store.read("samples", params.dataset, columns=["sample_id"])
@@ -149,31 +208,64 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         )
         if not ids:
             raise ValueError(f"dataset {params.dataset!r} has no samples: ingest it first")
-        done = set(
-            store.read("scores", columns=["sample_id"], where={"run_id": run_id})
-            .column("sample_id")
-            .to_pylist()
-        )
-        todo = [i for i in ids if i not in done]
+        sketches = None
+        if spec.is_risk:
+            done = set(
+                store.read("scores", columns=["sample_id"], where={"run_id": run_id})
+                .column("sample_id")
+                .to_pylist()
+            )
+        else:
+            width = len(summary.timesteps) * spec.dmin.sketch_dim
+            sketches = sketch_table_for(uri, width)
+            summary.sketch_table = sketches.name
+            done = sketches.stored_ids(run_id)
+        units = [u for u in batch_units(ids, spec) if not all(i in done for i in u)]
+        shards = shards_of(units, params.shard_size)
         summary.samples, summary.already_scored = len(ids), len(done)
-        # 4. Shards.
+        # 4. Dataset-level state, once per run.
+        state = None
+        if shards and spec.is_risk:
+            t0 = time.perf_counter()
+            state = prepare_scorer(
+                store, params.dataset, quote(ids), quote(model), spec,
+                params.workspace / "cache",
+            )  # fmt: skip
+            summary.state_seconds = round(time.perf_counter() - t0, 3)
+            summary.fit_size = 0 if state.fit is None else len(state.fit.keys)
+        # 5. Shards.
         with progress_bar("score", params.progress) as bar:
             task = bar.add_task("score", total=len(ids), completed=len(done))
-            for start in range(0, len(todo), params.shard_size):
-                shard = todo[start : start + params.shard_size]
-                result = score_shard(store, params.dataset, quote(shard), quote(model), spec)
-                summary.scored += write_scores(
-                    store, quote(_rows(result, run_id, params.dataset, spec.signal))
-                )
-                summary.method = result.method
-                summary.layer_names = list(result.layer_names)
+            for shard in shards:
+                if sketches is not None:
+                    assert model is not None
+                    values = sketch_shard(store, params.dataset, quote(shard), quote(model), spec)
+                    summary.scored += write_sketches(
+                        sketches, run_id, params.dataset, quote(shard), quote(values),
+                        summary.timesteps,
+                    )  # fmt: skip
+                    summary.method = f"dmin/sketch{spec.dmin.sketch_dim}/{spec.dmin.noise}-noise"
+                else:
+                    result = score_shard(
+                        store, params.dataset, quote(shard), quote(model), spec, quote(state)
+                    )
+                    summary.scored += write_scores(
+                        store, quote(_rows(result, run_id, params.dataset, spec.signal))
+                    )
+                    summary.method = result.method
+                    summary.layer_names = list(result.layer_names)
                 bar.update(task, advance=len(shard))
-        # 5. Close.
-        scores = store.read("scores", columns=["score"], where={"run_id": run_id})
-        values = scores.column("score").to_numpy()
-        summary.score_quantiles = {
-            q: float(np.quantile(values, float(q))) for q in ("0.01", "0.5", "0.99")
-        }
+        # 6. Close.
+        if sketches is not None:
+            if spec.dmin.index != "none":
+                sketches.create_index(kind=spec.dmin.index)
+                summary.sketch_index = spec.dmin.index
+        else:
+            scores = store.read("scores", columns=["score"], where={"run_id": run_id})
+            values = scores.column("score").to_numpy()
+            summary.score_quantiles = {
+                q: float(np.quantile(values, float(q))) for q in ("0.01", "0.5", "0.99")
+            }
         summary.seconds = round(time.perf_counter() - started, 3)
     except BaseException as err:
         ledger.finish_run(run_id, status="failed", stats=summary.model_dump(), error=repr(err))

@@ -1,7 +1,8 @@
 """Scoring tasks: thin wrappers around :mod:`diffcurate.influence` and storage.
 
-``score_shard`` is deterministic for a given shard (keyed draws), so a retry recomputes the
-same numbers; ``write_scores`` merges on ``run_id/sample_id`` so a retried write adds nothing.
+``score_shard`` is deterministic for a given shard (keyed draws, run-level state computed once
+by ``prepare_scorer``), so a retry recomputes the same numbers; ``write_scores`` merges on
+``run_id/sample_id`` and ``write_sketches`` on the sketch id, so a retried write adds nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +17,27 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from diffcurate.influence.objective import ScoreResult
-from diffcurate.influence.registry import CONDITIONAL_ONLY, ScorerSpec, score_function
+from diffcurate.influence.registry import (
+    CONDITIONAL_ONLY,
+    FIT_SET,
+    EmbeddingState,
+    FitSet,
+    RunState,
+    ScorerSpec,
+    fit_sample,
+    prepare_state,
+    score_function,
+    score_keys,
+    sketch_function,
+)
 from diffcurate.models.diffusion import DiffusionModel, ModelLoadError, load_diffusion_model
 from diffcurate.models.images import decode_sample, prepare_image
 from diffcurate.storage.lance_store import LanceStore
+from diffcurate.storage.sketches import SketchStore
+
+
+class MissingEmbeddingsError(ValueError):
+    """``clip-knn`` was asked to score a dataset ingested without CLIP embeddings."""
 
 
 def load_model(path: Path, spec: ScorerSpec | None = None) -> DiffusionModel:
@@ -54,19 +72,11 @@ def pixel_shape(model: DiffusionModel) -> tuple[int, int]:
     return int(model.vae.config.in_channels), side * factor
 
 
-@task(name="score-shard", cache_policy=NO_CACHE)
-def score_shard(
-    store: LanceStore,
-    dataset: str,
-    sample_ids: Sequence[str],
-    model: DiffusionModel,
-    spec: ScorerSpec,
-) -> ScoreResult:
-    """Load one shard's images (in ``sample_ids`` order) and compute the signal on them.
-
-    For a text-conditional model the captions are embedded with its text encoder (and the
-    empty caption for signals that compare against the unconditional prediction).
-    """
+def load_images(
+    store: LanceStore, dataset: str, sample_ids: Sequence[str], model: DiffusionModel
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``sample_ids``' images converted for ``model`` (in that order), and for a
+    text-conditional model their caption embeddings and the empty caption's."""
     table = store.read(
         "samples",
         dataset,
@@ -89,10 +99,130 @@ def score_shard(
             raise ModelLoadError("a text-conditional model needs its text encoder to be scored")
         cond = model.text_encoder.encode([rows[i]["caption"] or "" for i in sample_ids])
         uncond = model.text_encoder.encode([""])
+    return images, cond, uncond
+
+
+def load_embeddings(store: LanceStore, dataset: str, secrets: Sequence[str] = ()) -> EmbeddingState:
+    """Every sample's CLIP image embedding (the ``clip-knn`` reference) and the secrets'.
+
+    Raises:
+        MissingEmbeddingsError: Some samples have no embedding, or they come from different
+            CLIP models (cosines across models mean nothing).
+    """
+    table = store.read(
+        "samples",
+        dataset,
+        columns=["sample_id", "key", "embedding_model", "image_embedding"],
+    )
+    rows = sorted(table.to_pylist(), key=lambda r: r["sample_id"])
+    lacking = [r["sample_id"] for r in rows if not r["image_embedding"]]
+    if lacking:
+        raise MissingEmbeddingsError(
+            f"clip-knn needs CLIP image embeddings, but {len(lacking)} of {len(rows)} samples "
+            f"of {dataset!r} have none (e.g. {lacking[:3]}): configure clip.checkpoint "
+            "(DIFFCURATE_CLIP__CHECKPOINT) and re-ingest the dataset"
+        )
+    models = {r["embedding_model"] for r in rows}
+    if len(models) > 1:
+        raise MissingEmbeddingsError(
+            f"samples of {dataset!r} were embedded by different CLIP models {sorted(models)}; "
+            "re-ingest them with one model"
+        )
+    reference = np.asarray([r["image_embedding"] for r in rows], dtype=np.float32)
+    secret_rows = None
+    if secrets:
+        by_name = {r["sample_id"]: i for i, r in enumerate(rows)}
+        by_name.update({r["key"]: i for i, r in enumerate(rows) if r["key"] not in by_name})
+        missing = [s for s in secrets if s not in by_name]
+        if missing:
+            raise KeyError(f"secrets not found in {dataset!r}: {missing[:5]}")
+        secret_rows = reference[[by_name[s] for s in secrets]]
+    return EmbeddingState(
+        reference_keys=tuple(r["sample_id"] for r in rows),
+        reference=reference,
+        secrets=secret_rows,
+    )
+
+
+@task(name="prepare-scorer", cache_policy=NO_CACHE)
+def prepare_scorer(
+    store: LanceStore,
+    dataset: str,
+    sample_ids: Sequence[str],
+    model: DiffusionModel | None,
+    spec: ScorerSpec,
+    cache_dir: Path,
+) -> RunState:
+    """The run's dataset-level state, computed once before the shards (see
+    :func:`~diffcurate.influence.registry.prepare_state`): the fit set for ``ekfac``/``bif``/
+    ``trak``/``d-trak`` (a seeded sample of ``spec.fit_size`` of ``sample_ids``), the EK-FAC /
+    BIF caches under ``cache_dir``, the embeddings for ``clip-knn``."""
+    fit = embeddings = None
+    objective = None
+    if spec.signal in FIT_SET:
+        assert model is not None
+        fit_ids = fit_sample(sample_ids, spec.fit_size, spec.seed)
+        images, cond, _ = load_images(store, dataset, fit_ids, model)
+        fit = FitSet(images=images, keys=tuple(fit_ids), n_dataset=len(sample_ids), cond=cond)
+        objective = spec.objective(model.scheduler, model.vae)
+    if spec.signal == "clip-knn":
+        embeddings = load_embeddings(store, dataset, spec.clip_knn.secrets)
+    return prepare_state(
+        spec, objective, None if model is None else model.unet, fit, cache_dir, embeddings
+    )
+
+
+@task(name="score-shard", cache_policy=NO_CACHE)
+def score_shard(
+    store: LanceStore,
+    dataset: str,
+    sample_ids: Sequence[str],
+    model: DiffusionModel | None,
+    spec: ScorerSpec,
+    state: RunState | None = None,
+) -> ScoreResult:
+    """Load one shard's images (in ``sample_ids`` order) and compute the signal on them.
+
+    For a text-conditional model the captions are embedded with its text encoder (and the
+    empty caption for signals that compare against the unconditional prediction). Model-free
+    scorers (``random``, ``clip-knn``) read no images.
+    """
+    if not spec.uses_model:
+        return score_keys(spec, list(sample_ids), state)
+    assert model is not None
+    images, cond, uncond = load_images(store, dataset, sample_ids, model)
     objective = spec.objective(model.scheduler, model.vae)
-    return score_function(spec)(objective, model.unet, images, list(sample_ids), cond, uncond)
+    return score_function(spec, state)(
+        objective, model.unet, images, list(sample_ids), cond, uncond
+    )
+
+
+@task(name="sketch-shard", cache_policy=NO_CACHE)
+def sketch_shard(
+    store: LanceStore,
+    dataset: str,
+    sample_ids: Sequence[str],
+    model: DiffusionModel,
+    spec: ScorerSpec,
+) -> np.ndarray:
+    """``dmin``: ``[n, T, v]`` gradient sketches of one shard (in ``sample_ids`` order)."""
+    images, cond, _ = load_images(store, dataset, sample_ids, model)
+    objective = spec.objective(model.scheduler, model.vae)
+    return sketch_function(spec)(objective, model.unet, images, list(sample_ids), cond)
 
 
 @task(name="write-scores", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def write_scores(store: LanceStore, rows: pa.Table) -> int:
     return store.insert_new("scores", rows)
+
+
+@task(name="write-sketches", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def write_sketches(
+    sketches: SketchStore,
+    run_id: str,
+    dataset: str,
+    sample_ids: Sequence[str],
+    values: np.ndarray,
+    timesteps: Sequence[int],
+) -> int:
+    return sketches.write(run_id, dataset, list(sample_ids), values, list(timesteps))
