@@ -44,6 +44,7 @@ from diffcurate.dashboards.security import (
     viewer,
 )
 from diffcurate.dashboards.thumbs import thumbnail_png
+from diffcurate.metrics.memorization import DEFAULT_THRESHOLDS
 from diffcurate.storage import releases as rel
 from diffcurate.storage import reviews
 
@@ -233,14 +234,21 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
             checks = data.ledger.gate_checks(run_id)
         charts = []
         for c in checks:
-            if c["value_before"] is None and c["value_after"] is None:
+            shown = _gate_chart_ref(c)
+            if shown is None:
                 continue
-            charts.append(plots.hbars(
-                ["before", "after"],
-                [plots.Series(c["name"], [c["value_before"], c["value_after"]], plots.AFTER)],
-                ref=c["threshold"], ref_label="threshold", width=420,
-                highlight=[False, not c["passed"]], title=c["name"],
-            ))  # fmt: skip
+            ref, ref_label = shown
+            charts.append(
+                plots.hbars(
+                    ["before", "after"],
+                    [plots.Series(c["name"], [c["value_before"], c["value_after"]], plots.AFTER)],
+                    ref=ref,
+                    ref_label=ref_label,
+                    width=420,
+                    highlight=[False, not c["passed"]],
+                    title=c["name"],
+                )
+            )
         secrets = [
             {"id": s, "before": (stats.get("per_secret") or {}).get(s, {}).get("before"),
              "after": (stats.get("per_secret") or {}).get(s, {}).get("after"),
@@ -248,7 +256,10 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
             for s in (stats.get("secrets") or [])[:200]
         ]  # fmt: skip
         data.prefetch([s["id"] for s in secrets])
-        tau = (run["params"].get("measure") or {}).get("memorization") or {}
+        tau = dict((run["params"].get("measure") or {}).get("memorization") or {})
+        tau.setdefault("metric", "tiled_l2")
+        if tau.get("threshold") is None:
+            tau["threshold"] = DEFAULT_THRESHOLDS.get(tau["metric"])
         return page(request, "gates.html", run=run, stats=stats, checks=checks, charts=charts,
                     secrets=secrets, tau=tau, tab="gates",
                     **_release_ctx(data, stats.get("release_tag")))  # fmt: skip
@@ -411,6 +422,27 @@ def _run(data: DashboardData, run_id: str) -> dict[str, Any]:
         return data.run(run_id)
     except NotFound:
         raise HTTPException(404, f"no run {run_id}") from None
+
+
+def _gate_chart_ref(check: dict[str, Any]) -> tuple[float | None, str] | None:
+    """Where a gate's limit lies in the units of its before/after values (None: no chart).
+
+    ``utility_fd`` limits the relative increase, ``utility_kid`` the absolute one,
+    ``memorization`` the Mem% after; the audit and no-increase checks are read from the table.
+    """
+    before, threshold = check["value_before"], check["threshold"]
+    if check["value_before"] is None and check["value_after"] is None:
+        return None
+    name = check["name"]
+    if name == "memorization" and threshold is not None:
+        return threshold, "limit"
+    if name == "utility_fd" and before is not None and threshold is not None:
+        return before * (1 + threshold), f"limit (+{100 * threshold:.0f}%)"
+    if name == "utility_kid" and before is not None and threshold is not None:
+        return before + threshold, "limit"
+    if name in ("audit", "memorization_no_increase"):
+        return None
+    return None, ""
 
 
 def _failed_checks(manifest: dict[str, Any]) -> list[str]:
