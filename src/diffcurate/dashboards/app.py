@@ -180,10 +180,7 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
         grid = data.flagged_page(run, page_no, PER_PAGE)
         ctx["grid"] = grid
         scores = data.scores(stats.get("score_run", "")) if stats.get("score_run") else {}
-        removed = set()
-        if stats.get("release_tag"):
-            with data.lock:
-                removed = set(rel.manifest_ids(data.ledger, stats["release_tag"])["removed"])
+        removed = grid.removed
         flagged_scores = [s for k, s in scores.items() if k in removed]
         ctx["histogram"] = plots.histogram(
             list(scores.values()), [k in removed for k in scores],
@@ -325,7 +322,7 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
         comment = form.get("comment", "").strip()[:2000]
         with data.lock:
             row = _open_candidate(data, tag)
-            ids = rel.manifest_ids(data.ledger, tag)
+            ids = data.manifest_ids(tag)
             if sample_id not in set(ids["kept"]) | set(ids["removed"]):
                 raise HTTPException(404, f"{sample_id} is not a sample of {tag}")
             index = data.index(row["dataset"])
@@ -497,7 +494,7 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
         marks = data.marks(tag) if info.kind == "candidate" else []
         changes = 0
         if marks:
-            ids = rel.manifest_ids(data.ledger, tag)
+            ids = data.manifest_ids(tag)
             changes = len(reviews.marked_sets(ids["kept"], ids["removed"], marks)[2])
     release_of = None
     if info.kind == "candidate":

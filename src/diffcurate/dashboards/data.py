@@ -88,6 +88,7 @@ class FlaggedPage:
     total: int
     per_page: int
     thumbs: list[str] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)
 
 
 class DashboardData:
@@ -101,6 +102,7 @@ class DashboardData:
         self.lock = threading.RLock()
         self.thumbs = ThumbCache()
         self._indexes: OrderedDict[tuple[str, int], SampleIndex] = OrderedDict()
+        self._ids: OrderedDict[str, dict[str, list[str]]] = OrderedDict()
 
     # Runs -------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
@@ -108,11 +110,13 @@ class DashboardData:
             return self.ledger.runs()
 
     def run(self, run_id: str) -> dict[str, Any]:
-        with self.lock:
-            try:
-                return self.ledger.run(run_id)
-            except KeyError:
-                raise NotFound(run_id) from None
+        with self.lock:  # one row, not Ledger.run's scan of every run
+            rows = self.ledger._select(
+                "SELECT * FROM runs WHERE run_id = ?", [run_id], ("params", "stats")
+            )
+        if not rows:
+            raise NotFound(run_id)
+        return rows[0]
 
     def release_status(self) -> dict[str, rel.ReleaseInfo]:
         with self.lock:
@@ -182,6 +186,18 @@ class DashboardData:
             except KeyError:
                 raise NotFound(tag) from None
 
+    def manifest_ids(self, tag: str) -> dict[str, list[str]]:
+        """Kept and removed ids of a tag (cached: a tag's manifest never changes)."""
+        with self.lock:
+            if tag not in self._ids:
+                try:
+                    self._ids[tag] = rel.manifest_ids(self.ledger, tag)
+                except rel.ReleaseNotFound:
+                    raise NotFound(tag) from None
+                while len(self._ids) > 16:
+                    self._ids.popitem(last=False)
+            return self._ids[tag]
+
     def scores(self, score_run: str) -> dict[str, float]:
         with self.lock:
             t = self.store.read("scores", columns=["sample_id", "score"],
@@ -218,9 +234,7 @@ class DashboardData:
         tag = stats.get("release_tag")
         if not tag:
             return FlaggedPage([], 1, 1, 0, per_page)
-        with self.lock:
-            ids = rel.manifest_ids(self.ledger, tag)
-        removed = ids["removed"]
+        removed = self.manifest_ids(tag)["removed"]
         removed_set = set(removed)
         scores = self.scores(stats.get("score_run", ""))
         index = self.index(run["dataset"])
@@ -250,7 +264,7 @@ class DashboardData:
             ))  # fmt: skip
             thumbs += [sid] + [n for n, _, _ in near]
         self.prefetch(thumbs)
-        return FlaggedPage(tiles, page, pages, total, per_page, thumbs)
+        return FlaggedPage(tiles, page, pages, total, per_page, thumbs, removed_set)
 
     def gate_image_path(self, run: dict[str, Any], phase: str, secret_id: str) -> Path:
         """The saved closest generation of one secret (inside the run's gate directory)."""

@@ -54,7 +54,7 @@ def histogram(
     f = np.asarray(flagged, dtype=bool)
     ok = np.isfinite(v)
     v, f = v[ok], f[ok]
-    w, h, ml, mr, mt, mb = 620, 240, 52, 16, 30, 40
+    w, h, ml, mr, mt, mb = 620, 250, 52, 16, 40, 40
     if v.size == 0:
         return Markup('<p class="muted">no scores recorded for this run</p>')
     lo, hi = float(v.min()), float(v.max())
@@ -94,9 +94,11 @@ def histogram(
     parts.append(f'<line x1="{ml}" x2="{w - mr}" y1="{y(0):.1f}" y2="{y(0):.1f}" '
                  f'stroke="{LINE}"/>')  # fmt: skip
     if threshold is not None and lo <= threshold <= hi:
+        left = x(threshold) < w - 260  # label right of the line, unless near the right edge
         parts.append(f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="{mt - 4}" '
                      f'y2="{y(0):.1f}" stroke="{FLAGGED}" stroke-dasharray="4 3"/>'
-                     f'<text x="{x(threshold) + 4:.1f}" y="{mt + 8}" text-anchor="start" '
+                     f'<text x="{x(threshold) + (4 if left else -4):.1f}" y="{mt - 10}" '
+                     f'text-anchor="{"start" if left else "end"}" '
                      f'font-size="11" fill="{FLAGGED}">flag threshold '
                      f'{escape(fmt(threshold, 2))}</text>')  # fmt: skip
     parts.append(f'<text x="{ml + pw / 2}" y="{h - 6}" text-anchor="middle" font-size="12">'

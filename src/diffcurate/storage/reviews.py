@@ -46,9 +46,17 @@ class ReviewError(ValueError):
     """A mark or its application was refused (the message says why)."""
 
 
+_ENSURED: set[str] = set()
+
+
 def _ensure(ledger: Ledger) -> None:
+    """Create ``review_marks`` once per ledger file and process."""
+    key = str(ledger.path.resolve())
+    if key in _ENSURED:
+        return
     with duckdb.connect(str(ledger.path)) as con:
         con.execute(_DDL)
+    _ENSURED.add(key)
 
 
 def record_mark(
@@ -124,10 +132,13 @@ def marked_sets(
 
 def superseded_by(ledger: Ledger, tag: str) -> str | None:
     """The candidate created from ``tag`` with reviewer marks applied, if any."""
-    for row in ledger.releases(with_manifest=True):
-        if row["kind"] == "candidate" and row["manifest"].get("based_on") == tag:
-            return str(row["tag"])
-    return None
+    with duckdb.connect(str(ledger.path), read_only=True) as con:
+        row = con.execute(
+            "SELECT tag FROM releases WHERE kind = 'candidate' "
+            "AND json_extract_string(manifest, '$.based_on') = ? ORDER BY n LIMIT 1",
+            [tag],
+        ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def apply_marks(store: LanceStore, ledger: Ledger, tag: str, actor: str) -> rel.ReleaseInfo | None:
