@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffcurate.dashboards import plots
@@ -84,12 +86,7 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
             request, name, {"session": session, **ctx}, status_code=status
         )
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(NotLoggedIn)
     async def to_login(request: Request, exc: NotLoggedIn):
@@ -288,9 +285,9 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
         )
 
     @app.get("/thumbs/{sample_id}.png")
-    def thumb(sample_id: SampleId, session: Viewer) -> Response:
-        try:
-            png = data.thumbnail(sample_id)
+    async def thumb(sample_id: SampleId, session: Viewer) -> Response:
+        try:  # a page prefetches its thumbnails: usually a cache hit, served on the event loop
+            png = data.thumbs.get(sample_id) or await run_in_threadpool(data.thumbnail, sample_id)
         except NotFound:
             raise HTTPException(404, "no such sample") from None
         return Response(png, media_type="image/png",
@@ -389,6 +386,28 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
 
     check_policies(app)
     return app
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response (unless set)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    if k not in headers:
+                        headers[k] = v
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def check_policies(app: FastAPI) -> None:

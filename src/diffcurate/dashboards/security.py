@@ -131,7 +131,7 @@ def current_session(request: Request) -> Session | None:
     return sessions.get(request.cookies.get(SESSION_COOKIE))
 
 
-def viewer(request: Request) -> Session:
+async def viewer(request: Request) -> Session:
     """Dependency of every page: a logged-in user (any role), else a redirect to /login."""
     session = current_session(request)
     if session is None:
