@@ -136,3 +136,27 @@ def test_grid_of_1000_flagged_images_loads_fast(
     (artifacts / "grid_1000_timings.json").write_text(json.dumps(timings, indent=2))
     print("\n1,000 flagged images, 48 per page; browser navigation timings (ms):", timings)
     assert all(t["load"] < 15_000 for t in timings.values()), timings
+
+
+def test_failed_gates_need_an_override_reason(
+    page, synthetic_run, synthetic_server, synthetic_tokens, artifacts
+):
+    from dashboards.conftest import fresh_candidate
+
+    ws, info = synthetic_run
+    tag = fresh_candidate(ws, info["tag"]).tag
+    url = synthetic_server.url
+    _login(page, url, synthetic_tokens["approver"])
+    page.goto(f"{url}/releases/{tag}")
+    assert "failed its gates" in page.inner_text(".decide")
+    page.fill("#approve-comment", "FD within noise")
+    page.click("#approve-form button[type=submit]")  # the browser refuses: reason required
+    assert page.url.endswith(f"/releases/{tag}")
+    assert page.evaluate("document.querySelector('#override-reason').validity.valueMissing")
+    page.fill("#override-reason", "FD +16% on 3 secrets is sampling noise; accepted")
+    page.screenshot(path=str(artifacts / "release_override.png"), full_page=True)
+    page.click("#approve-form button[type=submit]")
+    page.wait_for_url(f"**/releases/{tag}?done=approved")
+    actions = [d["action"] for d in Ledger(ws / "ledger.duckdb").decisions(tag)]
+    assert actions == ["override", "approve"]
+    assert "sampling noise" in page.inner_text("table.grid-table")
