@@ -55,7 +55,9 @@ def test_review_a_flagged_image_and_approve_the_release(
     first = tiles.first
     sample_id = first.get_attribute("id").removeprefix("s-")
     assert "score" in first.inner_text() and "copies" in first.inner_text()
-    assert first.locator(".nn img").count() == 3  # nearest training neighbours
+    assert first.locator(".nn:not(.gen) img").count() == 3  # nearest training neighbours
+    # Flagged images are the gate's secrets here: their closest generations sit beside them.
+    assert first.locator(".nn.gen img").count() == 2
     assert _images_loaded(page)
     first.locator("button.keep").click()
     page.wait_for_url(f"{run_url}?page=1#s-{sample_id}")

@@ -192,6 +192,16 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
                 series.append(plots.Series("flagged", layers["flagged"], plots.FLAGGED))
             ctx["layers"] = plots.hbars(layers["names"], series, title="mean per-layer score",
                                         width=560)  # fmt: skip
+        secrets = set(stats.get("secrets") or [])
+        ctx["generations"] = {
+            t.sample_id: {
+                p: (stats.get("per_secret") or {}).get(t.sample_id, {}).get(p)
+                for p in ("before", "after")
+                if _has_gate_image(data, run, p, t.sample_id)
+            }
+            for t in grid.tiles
+            if t.sample_id in secrets
+        }
         ctx["can_review"] = (ctx["candidate_open"] and current_session(request).user.can(
             "reviewer"))  # fmt: skip
         return page(request, "run.html", **ctx)
