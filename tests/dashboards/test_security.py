@@ -295,3 +295,16 @@ def test_chart_labels_are_escaped():
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "<img" not in svg
     hist = plots.histogram([1.0, 2.0, float("nan")], [False, True, False], title="<b>")
     assert "<b>" not in hist and "flagged (1)" in hist
+
+
+def test_a_locked_ledger_answers_503(synthetic_run, synthetic_tokens, monkeypatch):
+    app = create_app(synthetic_run[0])
+    client = TestClient(app)
+    login(client, synthetic_tokens["viewer"])
+
+    def locked():
+        raise duckdb.IOException("Could not set lock on file")
+
+    monkeypatch.setattr(app.state.data, "runs", locked)
+    r = client.get("/runs")
+    assert r.status_code == 503 and "Ledger busy" in r.text

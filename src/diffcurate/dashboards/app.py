@@ -8,12 +8,12 @@ reviewer marks keep/remove; approver approves or rejects through
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import duckdb
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -98,6 +98,12 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError):
         return page(request, "error.html", 404, title="Not found",
                     message="No such page: an id in the address is malformed.")  # fmt: skip
+
+    @app.exception_handler(duckdb.IOException)
+    async def busy(request: Request, exc: duckdb.IOException):
+        # DuckDB allows one writing process per file: a run writing the ledger locks it briefly.
+        message = "Another process is writing the ledger; reload in a moment."
+        return page(request, "error.html", 503, title="Ledger busy", message=message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -541,5 +547,4 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
         "candidate_open": info.kind == "candidate" and info.status == "pending" and not newer,
         "released_as": release_of,
         "n_removed_shown": min(200, len(manifest.get("removed_ids", []))),
-        "math": math,
     }
