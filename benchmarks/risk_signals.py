@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=2, help="noise draws per timestep")
     parser.add_argument("--probes", type=int, default=2, help="Hutchinson probes per draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="keep the trained model here; a re-run with the same corpus/settings resumes or "
+        "reuses it instead of retraining",
+    )
     parser.add_argument("--generate", type=int, default=256, help="samples for the memo check")
     args = parser.parse_args(argv)
     timesteps = [int(t) for t in args.timesteps.split(",")]
@@ -184,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=0
         ),
+        checkpoint_dir=args.checkpoint_dir,
         progress=sys.stderr.isatty(),
     )
     train_s = time.perf_counter() - t0
     tail = float(np.mean(result.losses[-100:]))
     print(
-        f"model: digits-8px, {params:,} params; {args.steps} steps in {train_s:.0f} s, "
+        f"model: digits-8px, {params:,} params; {args.steps} steps "
+        f"({result.start_step} from a checkpoint) in {train_s:.0f} s, "
         f"final loss (mean of last 100) {tail:.4f}"
     )
     if args.generate:
