@@ -109,3 +109,15 @@ def test_later_marks_win_and_marks_cover_duplicate_groups(small):
     with pytest.raises(reviews.ReviewError):
         reviews.record_mark(ledger, tag, sample_id=a, sample_ids=[b], mark="keep", actor="r",
                             role="reviewer")  # fmt: skip
+
+
+def test_serve_starts_uvicorn_on_the_given_address(tmp_path, monkeypatch):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    r = runner.invoke(app, ["serve", "--port", "9911", "-w", str(tmp_path / "ws")])
+    assert r.exit_code == 0, r.output
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 9911)
+    assert "no users yet" in r.output and "http://127.0.0.1:9911/" in r.output
+    assert {route.path for route in seen["app"].routes} >= {"/runs", "/releases/{tag}/approve"}
