@@ -143,7 +143,7 @@ class PosteriorDraws:
             batch = objective.prepare(images, keys, dtype, device, cond)
             for c in range(config.chains):
                 for k in range(config.draws):
-                    row = torch.from_numpy(np.asarray(states[c * config.draws + k]))
+                    row = torch.from_numpy(np.array(states[c * config.draws + k]))  # copy
                     with torch.no_grad():
                         for p, part in zip(params, row.split(sizes), strict=True):
                             p.copy_(part.reshape(p.shape).to(device=device, dtype=dtype))

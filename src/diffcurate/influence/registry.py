@@ -160,6 +160,7 @@ class TRAKOptions(BaseModel):
     projection: Literal["rademacher", "gaussian"] = _default(TRAKConfig, "projection")
     damping: float | None = Field(_default(TRAKConfig, "damping"), ge=0)
     batch_size: int = Field(_default(TRAKConfig, "batch_size"), ge=1)
+    projection_cache: int = Field(_default(TRAKConfig, "projection_cache"), ge=0)
 
 
 class GlobalHessianOptions(BaseModel):
@@ -216,6 +217,8 @@ OPTION_FIELDS: dict[str, str] = {
     "dmin": "dmin",
 }
 """Signal → the :class:`ScorerSpec` field holding its options."""
+MEMORY_ONLY: frozenset[str] = frozenset({"projection_cache"})
+"""Options that trade memory for time and change no number (not part of a run's identity)."""
 
 
 class ScorerSpec(BaseModel):
@@ -305,7 +308,9 @@ class ScorerSpec(BaseModel):
         if self.signal in FIT_SET:
             payload["fit_size"] = self.fit_size
         if self.options is not None:
-            payload[OPTION_FIELDS[self.signal]] = self.options.model_dump(mode="json")
+            payload[OPTION_FIELDS[self.signal]] = self.options.model_dump(
+                mode="json", exclude=MEMORY_ONLY
+            )
         return payload
 
     @property
@@ -494,9 +499,9 @@ def prepare_state(
 ) -> RunState:
     """Compute a run's dataset-level state once (deterministic in the spec, model and fit set).
 
-    ``ekfac``: nothing to compute ahead: the factors are fitted by the first shard on ``fit``
-    and cached under ``cache_dir/ekfac`` (every later shard and run reuses them). ``trak``:
-    projected gradients of the fit set → kernel. ``bif``: the chains, recorded under
+    ``ekfac``: the factors of ``fit``, fitted here and cached under ``cache_dir/ekfac`` by
+    kronfluence's fingerprint (every shard, and later runs with the same inputs, reuse them).
+    ``trak``: projected gradients of the fit set → kernel. ``bif``: the chains, recorded under
     ``cache_dir/bif/<fingerprint>``.
     """
     cache = None if cache_dir is None else Path(cache_dir)
@@ -508,7 +513,15 @@ def prepare_state(
     if spec.signal == "clip-knn" and embeddings is None:
         raise ValueError("clip-knn needs the dataset's CLIP image embeddings")
     kernel = posterior = None
-    if spec.signal in ("trak", "d-trak"):
+    if spec.signal == "ekfac":
+        assert fit is not None and objective is not None and model is not None and cache
+        # kronfluence has no fit-only call: scoring one fit sample fits and caches the factors.
+        ekfac_self_influence(
+            objective, model, fit.images[:1], fit.keys[:1], spec.ekfac_config, cache / "ekfac",
+            None if fit.cond is None else fit.cond[:1],
+            fit_images=fit.images, fit_keys=fit.keys, fit_cond=fit.cond,
+        )  # fmt: skip
+    elif spec.signal in ("trak", "d-trak"):
         assert fit is not None and objective is not None and model is not None
         config = spec.trak_config
         feats = trak_features(objective, model, fit.images, fit.keys, config, fit.cond)
