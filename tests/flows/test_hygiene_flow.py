@@ -108,9 +108,7 @@ def test_gate_measurements_equal_a_direct_computation(hygiene_run):
         saved = sorted(p.stem for p in (ws / "runs" / summary.run_id / "gate" / phase).iterdir())
         assert saved == sorted(summary.secrets)
     first = summary.secrets[0]
-    assert summary.per_secret[first]["before"] == pytest.approx(
-        direct.mem.secrets[0].best_value
-    )
+    assert summary.per_secret[first]["before"] == pytest.approx(direct.mem.secrets[0].best_value)
     candidate = load_diffusion_model(summary.candidate_model)
     # A surgical fine-tune moves the weights, but only a little.
     diffs = [

@@ -1,0 +1,271 @@
+"""Attribute a query image to the training samples that shaped it (``diffcurate attribute``).
+
+Three scorers:
+
+* ``dmin`` (seed 002): the query's gradient sketch against the sketches a ``diffcurate score
+  --scorer dmin`` run stored in LanceDB; top-k through the ANN index (milliseconds), or a flat
+  scan of every stored sketch with ``exact`` (exact sketch inner products). The run must have
+  been made with the same model files (checked by the run fingerprint).
+* ``ekfac`` (seeds 001/003) and ``trak``/``d-trak``: exact pairwise influence of every sample
+  of the dataset, streamed shard by shard, with the run's fit set (EK-FAC curvature, TRAK
+  kernel): the same dataset-level state as ``diffcurate score`` with those settings, cached
+  EK-FAC factors included.
+
+The query's (t, ε) draws are keyed by the sha256 of the image file (:func:`query_key`), so the
+same file always gets the same draws; DMin's default ``shared`` noise gives every image the same
+ε per timestep, so a query identical to a training image has identical sketches.
+
+Not a Prefect flow: a query is interactive and must not pay for an orchestration run; it reads
+the ledger and LanceDB and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffcurate.influence.registry import FIT_SET, RunState, ScorerSpec, sketch_function
+from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.images import decode_sample, prepare_image
+from diffcurate.storage.lance_store import LanceStore
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.sketches import SketchStore
+
+ATTRIBUTION_SCORERS = ("dmin", "ekfac", "trak", "d-trak")
+
+
+class AttributionError(ValueError):
+    """The query cannot be answered (no suitable run, wrong model, bad image); message says why."""
+
+
+@dataclass
+class Attribution:
+    """The top-k training samples of one query, best first (HIGH score = more influential)."""
+
+    scorer: str
+    dataset: str
+    run_id: str | None
+    mode: str
+    sample_ids: list[str]
+    scores: np.ndarray
+    searched: int
+    seconds: float
+    rows: list[dict] = field(default_factory=list)
+
+
+def query_key(data: bytes) -> str:
+    """The draw key of a query image: its content hash (same bytes ⇒ same draws)."""
+    return "query/" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_query(
+    path: Path, model: DiffusionModel, caption: str | None
+) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """The query image as ``[1, C, H, W]`` for ``model``, its key, and its caption embedding."""
+    from diffcurate.tasks.score import pixel_shape
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise AttributionError(f"cannot read query image {path}: {err}") from err
+    channels, size = pixel_shape(model)
+    pixels = prepare_image(decode_sample(data, str(path)), channels, size)
+    cond = None
+    if model.conditional:
+        assert model.text_encoder is not None
+        cond = model.text_encoder.encode([caption or ""])
+    return torch.from_numpy(pixels[None]), query_key(data), cond
+
+
+def _score_runs(ledger: Ledger, signals: tuple[str, ...]) -> list[dict]:
+    return [
+        r
+        for r in ledger.runs(kind="score")
+        if r["status"] == "completed" and r["params"].get("scorer", {}).get("signal") in signals
+    ]
+
+
+def _check_run_model(run: dict, model_path: Path) -> None:
+    """Refuse a run made with other model files (its fingerprint would differ)."""
+    from diffcurate.flows.score import ScoreParams, run_fingerprint
+
+    params = ScoreParams.model_validate(
+        {k: v for k, v in run["params"].items() if k != "fingerprint"}
+        | {"model": str(model_path), "progress": False}
+    )
+    if run_fingerprint(params) != run["params"].get("fingerprint"):
+        raise AttributionError(
+            f"run {run['run_id']} was made with other model files than {model_path} (or they "
+            "changed since): its scores are not comparable; re-run `diffcurate score` with "
+            "this model"
+        )
+
+
+def find_run(
+    ledger: Ledger,
+    scorer: str,
+    model_path: Path,
+    run_id: str | None,
+    dataset: str | None,
+) -> dict | None:
+    """The run to attribute with: ``run_id`` (checked), else the newest completed run of
+    ``scorer`` made with ``model_path`` (and ``dataset``), else None."""
+    if run_id is not None:
+        try:
+            run = ledger.run(run_id)
+        except KeyError as err:
+            raise AttributionError(str(err)) from err
+        signal = run["params"].get("scorer", {}).get("signal")
+        if run["kind"] != "score" or run["status"] != "completed":
+            raise AttributionError(f"{run_id} is not a completed score run")
+        if signal != scorer:
+            raise AttributionError(f"{run_id} is a {signal} run, not {scorer}")
+        if dataset is not None and run["dataset"] != dataset:
+            raise AttributionError(f"{run_id} scored {run['dataset']!r}, not {dataset!r}")
+        _check_run_model(run, model_path)
+        return run
+    target = model_path.resolve()
+    for run in _score_runs(ledger, (scorer,)):
+        model = run["params"].get("model")
+        if model is None or Path(model).resolve() != target:
+            continue
+        if dataset is not None and run["dataset"] != dataset:
+            continue
+        _check_run_model(run, model_path)
+        return run
+    return None
+
+
+def _dmin(
+    store_uri: str, run: dict, spec: ScorerSpec, model: DiffusionModel, query, k: int, exact: bool
+) -> tuple[list[str], np.ndarray, int]:
+    images, key, cond = query
+    objective = spec.objective(model.scheduler, model.vae)
+    sketch = sketch_function(spec)(objective, model.unet, images, [key], cond)
+    table = run["stats"].get("sketch_table") or "sketches"
+    sketches = SketchStore(store_uri, table=table)
+    hits = sketches.top_k(sketch.numpy(), k, run["run_id"], exact=exact)[0]
+    return hits.sample_ids, hits.scores, sketches.count(run["run_id"])
+
+
+def _exact_over_dataset(
+    store: LanceStore,
+    dataset: str,
+    spec: ScorerSpec,
+    model: DiffusionModel,
+    query,
+    k: int,
+    cache_dir: Path,
+    shard_size: int,
+) -> tuple[list[str], np.ndarray, int]:
+    """EK-FAC or TRAK influence of every dataset sample on the query, shard by shard."""
+    from diffcurate.influence.ekfac import ekfac_attribution
+    from diffcurate.influence.trak import trak_features, trak_scores
+    from diffcurate.tasks.score import load_images, prepare_scorer
+
+    images, key, cond = query
+    ids = sorted(
+        store.read("samples", dataset, columns=["sample_id"]).column("sample_id").to_pylist()
+    )
+    if not ids:
+        raise AttributionError(f"dataset {dataset!r} has no samples")
+    state: RunState = prepare_scorer.fn(store, dataset, ids, model, spec, cache_dir)
+    assert state.fit is not None
+    objective = spec.objective(model.scheduler, model.vae)
+    q_feats = None
+    if spec.signal != "ekfac":
+        q_feats = trak_features(objective, model.unet, images, [key], spec.trak_config, cond)
+    scores = np.empty(len(ids))
+    for start in range(0, len(ids), shard_size):
+        shard = ids[start : start + shard_size]
+        x, c, _ = load_images(store, dataset, shard, model)
+        if spec.signal == "ekfac":
+            part = ekfac_attribution(
+                objective, model.unet, x, shard, images, [key], spec.ekfac_config,
+                cache_dir / "ekfac", c, cond,
+                fit_images=state.fit.images, fit_keys=state.fit.keys, fit_cond=state.fit.cond,
+            )  # fmt: skip
+        else:
+            feats = trak_features(objective, model.unet, x, shard, spec.trak_config, c)
+            part = trak_scores(q_feats, feats, state.trak_kernel, spec.trak.damping)
+        scores[start : start + len(shard)] = part[0]
+    order = sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]
+    return [ids[j] for j in order], scores[order], len(ids)
+
+
+def attribute_image(
+    workspace: Path,
+    image: Path,
+    model_path: Path,
+    top_k: int = 10,
+    scorer: str = "dmin",
+    run_id: str | None = None,
+    exact: bool = False,
+    dataset: str | None = None,
+    caption: str | None = None,
+    shard_size: int = 256,
+) -> Attribution:
+    """The ``top_k`` training samples with the largest influence on ``image`` (module doc)."""
+    from diffcurate.tasks.score import load_model
+
+    if scorer not in ATTRIBUTION_SCORERS:
+        raise AttributionError(f"unknown scorer {scorer!r}; use one of {ATTRIBUTION_SCORERS}")
+    if top_k < 1:
+        raise AttributionError("--top-k must be >= 1")
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_path}")
+    store = LanceStore(str(workspace / "lancedb"))
+    ledger = Ledger(workspace / "ledger.duckdb")
+    run = find_run(ledger, scorer, model_path, run_id, dataset)
+    model = load_model(model_path)
+    query = load_query(image, model, caption)
+    started = time.perf_counter()
+    if scorer == "dmin":
+        if run is None:
+            raise AttributionError(
+                f"no completed dmin run for model {model_path}"
+                + ("" if dataset is None else f" on {dataset!r}")
+                + ": run `diffcurate score --scorer dmin` first (it stores the sketches)"
+            )
+        spec = ScorerSpec.model_validate(run["params"]["scorer"])
+        ids, scores, searched = _dmin(store.uri, run, spec, model, query, top_k, exact)
+        mode = "exact scan of the stored sketches" if exact else "ANN index"
+        dataset = run["dataset"]
+    else:
+        if run is not None:
+            spec = ScorerSpec.model_validate(run["params"]["scorer"])
+            dataset = run["dataset"]
+        elif dataset is None:
+            raise AttributionError(
+                f"{scorer} attributes over a dataset: pass --dataset (or --run with a "
+                f"completed {scorer} score run)"
+            )
+        else:
+            spec = ScorerSpec(signal=scorer)  # type: ignore[arg-type]
+        assert spec.signal in FIT_SET
+        ids, scores, searched = _exact_over_dataset(
+            store, dataset, spec, model, query, top_k, workspace / "cache", shard_size
+        )
+        mode = "exact over the dataset"
+    seconds = time.perf_counter() - started
+    samples = {
+        r["sample_id"]: r
+        for r in store.read(
+            "samples", columns=["sample_id", "key", "caption"], where={"sample_id": ids}
+        ).to_pylist()
+    }
+    rows = [
+        {"sample_id": i, "score": float(s), "key": samples.get(i, {}).get("key", "?"),
+         "caption": samples.get(i, {}).get("caption", "")}
+        for i, s in zip(ids, scores, strict=True)
+    ]  # fmt: skip
+    return Attribution(
+        scorer=scorer, dataset=dataset, run_id=None if run is None else run["run_id"], mode=mode,
+        sample_ids=list(ids), scores=np.asarray(scores), searched=searched, seconds=seconds,
+        rows=rows,
+    )  # fmt: skip
