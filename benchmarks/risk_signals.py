@@ -38,6 +38,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from diffcurate.influence.registry import DEFAULT_TIMESTEPS, ScorerSpec, score_function
+from diffcurate.metrics.planted_recall import planted_recall_and_rank
 from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.models.train import TrainConfig, train
@@ -100,12 +101,10 @@ def build_corpus(
 
 
 def recall_and_rank(scores: np.ndarray, ids: list[str], planted: set[str]) -> tuple[float, float]:
-    """recall@1% (top ceil(1%) by score) and the median rank (1 = riskiest) of planted ids."""
-    order = np.argsort(-scores, kind="stable")
-    ranks = {ids[j]: r + 1 for r, j in enumerate(order)}
-    k = math.ceil(0.01 * len(ids))
-    top = {ids[j] for j in order[:k]}
-    return len(top & planted) / len(planted), float(np.median([ranks[p] for p in planted]))
+    """Expected recall@1% (top ceil(1%) by score, ties broken at random) and the median
+    mid-rank (1 = riskiest) of planted ids: :func:`planted_recall_and_rank`. Planted images
+    come last in the scored set, so position-ordered tie-breaking would be biased."""
+    return planted_recall_and_rank(scores, ids, planted, fraction=0.01)
 
 
 def reproduction_rate(model, corpus: Corpus, n: int, seed: int) -> tuple[float, float]:
