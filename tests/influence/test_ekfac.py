@@ -198,16 +198,29 @@ def mlp_case():
     return obj, model, x, kt, xq, kq, gt, gq, ggn, layer
 
 
-def test_mlp_agrees_with_dense_damped_ggn(mlp_case, tmp_path):
+@pytest.mark.parametrize(
+    ("rel_damping", "min_pair_full"),
+    [(0.1, 0.8), (1.0, 0.9)],
+)
+def test_mlp_agrees_with_dense_damped_ggn(mlp_case, tmp_path, rel_damping, min_pair_full):
     """EK-FAC (MC-Fisher, the default method) vs dense damped GGN on a tiny MLP objective.
 
-    λ = 0.1 × mean GGN eigenvalue (kronfluence's heuristic scale). Measured (seed 0): risk
-    ranking (self-influence) vs the full dense GGN 0.944; pairwise vs the layer-block-diagonal
-    dense GGN, which EK-FAC approximates, 0.965; pairwise vs the full dense GGN 0.843: the
-    cross-layer blocks every layer-wise curvature drops cost the rest.
+    λ = ``rel_damping`` × mean GGN eigenvalue (0.1: kronfluence's heuristic scale). Measured
+    (seed 0), λ = 0.1 × mean / 1 × mean:
+
+    * risk ranking (self-influence) vs the full dense GGN: 0.944 / 0.930;
+    * pairwise vs the layer-block-diagonal dense GGN, which EK-FAC approximates: 0.965 / 0.989;
+    * pairwise vs the full dense GGN: 0.843 / 0.929.
+
+    The last figure is bounded by the block-diagonal structure every layer-wise curvature
+    (K-FAC, EK-FAC, the seeds') shares, not by EK-FAC's Kronecker/eigenvalue approximation: the
+    EXACT block-diagonal damped influence agrees with the full one no better (0.862 / 0.944;
+    0.511 at λ = 1e-8, where EK-FAC gets 0.448). Widening the MLP or adding data moves both
+    together (96 images: 0.875 vs 0.884 at 0.1 × mean), so the test pins that EK-FAC loses at
+    most a few points beyond the layer-wise structure.
     """
     obj, model, x, kt, xq, kq, gt, gq, ggn, layer = mlp_case
-    lam = 0.1 * torch.trace(ggn).item() / ggn.shape[0]
+    lam = rel_damping * torch.trace(ggn).item() / ggn.shape[0]
     cfg = EKFACConfig(damping=lam, fisher_samples=4, **F64)
     pair = ekfac_attribution(obj, model, x, kt, xq, kq, cfg, tmp_path)
     risk = ekfac_self_influence(obj, model, x, kt, cfg, tmp_path)
@@ -219,7 +232,9 @@ def test_mlp_agrees_with_dense_damped_ggn(mlp_case, tmp_path):
 
     assert spearman(risk.score, ref_self) >= 0.9
     assert spearman(pair, ref_block) >= 0.95
-    assert spearman(pair, ref_full) >= 0.8
+    assert spearman(pair, ref_full) >= min_pair_full
+    ceiling = spearman(ref_block, ref_full)
+    assert spearman(pair, ref_full) >= ceiling - 0.03
 
 
 def test_mlp_risk_ranking_at_default_damping(mlp_case, tmp_path):
