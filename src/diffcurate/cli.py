@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from statistics import fmean
 from typing import Annotated
 
 import typer
@@ -679,17 +680,29 @@ def _print_hygiene(summary) -> None:
     t.add_row("secrets", f"{len(summary.secrets)} ({summary.secrets_source})")
     t.add_row("utility reference", summary.reference)
     t.add_row("candidate model", summary.candidate_model)
+    t.add_row(
+        "time",
+        f"{summary.seconds:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
+        + ")",
+    )
     out.print(t)
     g = Table("measure", "before", "after", title="memorization and utility")
     for key, label in (("mem_percent", "Mem%"), ("fd", "FD"), ("kid", "KID")):
         g.add_row(label, f"{summary.before[key]:.4g}", f"{summary.after[key]:.4g}")
+    closest = [(v["before"], v["after"]) for v in summary.per_secret.values()
+               if v["before"] is not None and v["after"] is not None]  # fmt: skip
+    if closest:
+        b, a = fmean(c[0] for c in closest), fmean(c[1] for c in closest)
+        g.add_row("closest generation per secret (mean)", f"{b:.4g}", f"{a:.4g}")
     out.print(g)
     gates = Table("check", "before", "after", "threshold", "result", "reason", title="gates")
     for c in summary.gates:
         fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+        reason = c["reason"] if len(c["reason"]) <= 160 else c["reason"][:157] + "..."
         gates.add_row(c["name"], fmt(c["value_before"]), fmt(c["value_after"]),
                       fmt(c["threshold"]), "pass" if c["passed"] else "FAIL",
-                      c["reason"])  # fmt: skip
+                      reason)  # fmt: skip
     out.print(gates)
     for e in summary.gate_table_errors:
         err.print(f"[red]gate table invalid:[/red] {e}")

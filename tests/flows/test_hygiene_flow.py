@@ -85,6 +85,11 @@ def test_ledger_holds_every_step(hygiene_run):
     assert [c["name"] for c in checks] == [g["name"] for g in summary.gates]
     assert all(c["policy_version"] == params.gate.version for c in checks)
     assert summary.gate_table_errors == []
+    stages = ["score", "flag", "audit", "mitigate", "measure before", "measure after", "gate",
+              "release"]  # fmt: skip
+    assert list(summary.stage_seconds) == stages
+    assert all(v >= 0 for v in summary.stage_seconds.values())
+    assert sum(summary.stage_seconds.values()) <= summary.seconds + 1e-3
 
 
 def test_gate_measurements_equal_a_direct_computation(hygiene_run):

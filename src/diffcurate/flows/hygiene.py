@@ -113,6 +113,9 @@ class HygieneSummary(BaseModel):
     per_secret: dict[str, dict[str, float | None]] = Field(default_factory=dict)
     release_tag: str = ""
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = Field(
+        default_factory=dict, description="Wall time of each stage (score, flag, audit, ...)."
+    )
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -236,6 +239,19 @@ def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
             "kid_std": m.kid.std}  # fmt: skip
 
 
+class _StageClock:
+    """Wall time per stage, so a slow run says where its time went."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.into[stage] = round(now - self.mark, 3)
+        self.mark = now
+
+
 # ------------------------------------------------------------------------------------- flow
 @flow(name="hygiene", validate_parameters=True)
 def hygiene_flow(params: HygieneParams) -> HygieneSummary:
@@ -250,6 +266,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
     run_id = ledger.start_run("hygiene", dataset=params.dataset, source=str(params.model),
                               params=params.model_dump(mode="json"))  # fmt: skip
     summary = HygieneSummary(run_id=run_id, dataset=params.dataset)
+    clock = _StageClock(summary.stage_seconds)
     try:
         # 1. Score.
         if params.score_run is None:
@@ -277,6 +294,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             raise ValueError(f"score run {summary.score_run} does not cover exactly the samples "
                              f"of {params.dataset!r}: re-score the dataset")  # fmt: skip
         summary.n_samples = len(ids)
+        clock.lap("score")
 
         # 2. Flag.
         fairness = None
@@ -293,6 +311,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         summary.n_flagged_images = len(flagged.flagged_ids)
         summary.n_removed, summary.n_kept = len(removed), len(kept)
         log.info("flagged %d images (%d samples)", len(flagged.flagged_ids), len(removed))
+        clock.lap("flag")
 
         # 3. Audit.
         frame["removed"] = frame["sample_id"].isin(removed_set)
@@ -312,6 +331,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
                     summary=a.model_dump(mode="json", exclude={"groups"}),
                 )  # fmt: skip
             summary.audit_passed, summary.audit_violations = audit.passed, audit.violations
+        clock.lap("audit")
 
         # 4. Mitigate.
         model = load_model(params.model)
@@ -326,6 +346,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             f"{params.mitigation.method}: {params.mitigation.steps_for(len(kept))} steps"
         )
         summary.candidate_model = str(out_dir)
+        clock.lap("mitigate")
 
         # 5. Gate.
         secret_ids, summary.secrets_source = _resolve_secrets(
@@ -351,9 +372,11 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
                               params.measure, quote(secret_cond), quote(ref_cond),
                               gate_dir / "before")  # fmt: skip
+        clock.lap("measure before")
         after = measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
                              params.measure, quote(secret_cond), quote(ref_cond),
                              gate_dir / "after")  # fmt: skip
+        clock.lap("measure after")
         summary.gate_images = str(gate_dir)
         summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
         summary.per_secret = {
@@ -381,6 +404,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             )  # fmt: skip
         summary.gates = gate_rows
         summary.gate_passed = decision.passed and not summary.gate_table_errors
+        clock.lap("gate")
 
         # 6. Candidate release.
         release: ReleaseInfo = create_candidate(
@@ -395,6 +419,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             },
         )  # fmt: skip
         summary.release_tag = release.tag
+        clock.lap("release")
         summary.seconds = round(time.perf_counter() - started, 3)
     except BaseException as err:
         ledger.finish_run(run_id, status="failed", stats=summary.model_dump(mode="json"),
