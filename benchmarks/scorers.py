@@ -11,16 +11,18 @@ each near group's first training copy, under that training sample's key). Datase
 built from the training set exactly as the score flow builds it from a dataset
 (:func:`diffcurate.influence.registry.prepare_state`): the seeded fit set of ``--fit-size``
 training samples for the EK-FAC curvature, the TRAK kernel and the BIF SGLD set; the CLIP-kNN
-reference is every training sample. ``global-hessian`` forms its minibatches over the scored set.
-Scored sets are processed in shards of ``--shard-size`` like the flow.
+reference is every training sample. ``global-hessian`` forms its minibatches over the whole
+scored set. The scored set is processed in shards of ``--shard-size`` cut as the flow cuts them
+(``batch_units``: whole minibatches for ``global-hessian``).
 
 Per scorer: recall@1% of the planted images (share of them among the top ceil(1%) of the
-scored set), their median rank, wall time (dataset-level state included) as a ratio to
-``trace``'s, and peak memory. Each scorer runs in a fresh child process (multiprocessing
-"spawn") that loads the cached model and rebuilds the corpus, then records ``ru_maxrss``; the
-reported memory is ru_maxrss after scoring minus ru_maxrss after that setup (the resident-set
-high-water mark the scorer added; resource.getrusage, Linux KiB). tracemalloc is not used: it
-does not see torch's tensor allocations.
+scored set; expected value under random tie-breaking, see
+:mod:`diffcurate.metrics.planted_recall`), their median mid-rank, wall time (dataset-level
+state included) as a ratio to ``trace``'s, and peak memory. Each scorer runs in a fresh child
+process (multiprocessing "spawn") that loads the cached model and rebuilds the corpus, then
+records ``ru_maxrss``; the reported memory is ru_maxrss after scoring minus ru_maxrss after
+that setup (the resident-set high-water mark the scorer added; resource.getrusage, Linux KiB).
+tracemalloc is not used: it does not see torch's tensor allocations.
 
 ``clip-knn``: no CLIP weights can be downloaded here, so its embeddings are a stand-in: the
 mean-centred pixel vector of each image (64-d). The row is the near-duplicate counting rule on
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffcurate.flows.score import shards_of
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import (
     FIT_SET,
@@ -62,6 +65,7 @@ from diffcurate.influence.registry import (
     GlobalHessianOptions,
     ScorerSpec,
     TRAKOptions,
+    batch_units,
     fit_sample,
     prepare_state,
     score_function,
@@ -152,19 +156,21 @@ def _score(signal: str, args: argparse.Namespace, model_dir: str) -> dict:
         state = prepare_state(spec, objective, model.unet, fit, cache, embeddings)
         state_s = time.perf_counter() - started
         parts = []
-        for s in range(0, len(corpus.scored_ids), args.shard_size):
-            ids = corpus.scored_ids[s : s + args.shard_size]
+        row = {k: i for i, k in enumerate(corpus.scored_ids)}
+        # Shards as the flow cuts them (whole global minibatches for global-hessian).
+        for ids in shards_of(batch_units(corpus.scored_ids, spec), args.shard_size):
             if spec.uses_model:
                 fn = score_function(spec, state)
-                parts.append(fn(objective, model.unet, corpus.scored[s : s + len(ids)], ids))
+                parts.append(fn(objective, model.unet, corpus.scored[[row[i] for i in ids]], ids))
             else:
                 parts.append(score_keys(spec, ids, state))
     seconds = time.perf_counter() - started
     result = ScoreResult.concat(parts)
+    by_id = dict(zip(result.sample_keys, result.score, strict=True))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "signal": signal,
-        "scores": result.score.tolist(),
+        "scores": [float(by_id[i]) for i in corpus.scored_ids],
         "method": result.method,
         "timesteps": list(spec.effective_timesteps),
         "seconds": seconds,

@@ -104,7 +104,7 @@ def test_ekfac_rows_equal_a_direct_call_and_do_not_depend_on_shards(ws):
                       ekfac=EKFACOptions(damping=1e-3))  # fmt: skip
     a = run(ws, spec, model_dir, shard_size=16, resume=False)
     assert (a.samples, a.scored, a.fit_size) == (N, N, FIT)
-    assert a.method.startswith("ekfac/self-influence") and a.timesteps == [100]
+    assert a.method.startswith("ekfac/self-influence") and a.timesteps == [20]
     got = rows_of(ws, a.run_id)
     ids, x = images(ws)
     fit_ids = fit_sample(ids, FIT, 3)
