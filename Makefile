@@ -31,10 +31,12 @@ test-all: setup
 
 # `diffcurate run` exits 1 when a gate fails: that is a result to show, not a broken demo.
 demo: setup
-	$(DC) demo-corpus $(DEMO_CORPUS) --format webdataset
+	$(DC) demo-corpus $(DEMO_CORPUS) --format webdataset --heldout 300
 	$(DC) ingest $(DEMO_CORPUS)/shards --dataset digits
+	$(DC) ingest $(DEMO_CORPUS)/heldout/shards --dataset digits-heldout
 	$(DC) train --dataset digits --steps $(DEMO_STEPS)
 	$(DC) run --dataset digits --model $(DEMO_MODEL) --secrets $(DEMO_CORPUS)/planted.json \
+		--heldout-dataset digits-heldout --generations 1024 --mem-calibrate-fpr 0.05 \
 		--mitigation retrain --retrain-steps $(DEMO_STEPS) || test $$? -eq 1
 
 lint: setup

@@ -592,6 +592,21 @@ def run_hygiene(
         str | None, typer.Option(help="Ingested held-out real images for FD/KID.")
     ] = None,
     generations: Annotated[int, typer.Option(help="Samples per model for the gates.")] = 256,
+    mem_tau: Annotated[
+        float | None,
+        typer.Option(
+            help="Fixed reconstruction threshold τ (tiled L2 on [0, 1] pixels) "
+            "[default: 0.08, or calibrated with --mem-calibrate-fpr]."
+        ),
+    ] = None,
+    mem_calibrate_fpr: Annotated[
+        float | None,
+        typer.Option(
+            help="Calibrate τ so that at most this share of the utility reference "
+            "images (held-out where given) count as reconstructed by the model "
+            "before mitigation; that τ judges both models."
+        ),
+    ] = None,
     max_mem: Annotated[float, typer.Option(help="Gate: max Mem% after mitigation.")] = 10.0,
     max_fd_increase: Annotated[
         float, typer.Option(help="Gate: max relative FD increase (0.10 = 10%).")
@@ -616,7 +631,11 @@ def run_hygiene(
         from diffcurate.curation.measure import MeasureConfig
         from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
         from diffcurate.influence.registry import ScorerSpec
+        from diffcurate.metrics.memorization import MemorizationPolicy
         from diffcurate.models.mitigate import MitigationConfig
+
+        if mem_tau is not None and mem_calibrate_fpr is not None:
+            raise ValueError("give either --mem-tau or --mem-calibrate-fpr, not both")
 
         flag = (
             FlagPolicy(mode="threshold", threshold=threshold, fairness_cap=fairness_cap)
@@ -631,7 +650,9 @@ def run_hygiene(
             mitigation=MitigationConfig(method=mitigation, epochs=epochs, lr=lr,
                                         retrain_steps=retrain_steps, seed=seed, device=device),
             secrets=_secret_list(secrets), heldout_dataset=heldout_dataset,
-            measure=MeasureConfig(generations=generations, seed=seed, device=device),
+            measure=MeasureConfig(generations=generations, seed=seed, device=device,
+                                  memorization=MemorizationPolicy(threshold=mem_tau),
+                                  calibrate_fpr=mem_calibrate_fpr),
             gate=GatePolicy(max_mem_percent_after=max_mem,
                             max_relative_fd_increase=max_fd_increase),
         )  # fmt: skip
@@ -679,6 +700,12 @@ def _print_hygiene(summary) -> None:
     t.add_row("mitigation", summary.mitigation)
     t.add_row("secrets", f"{len(summary.secrets)} ({summary.secrets_source})")
     t.add_row("utility reference", summary.reference)
+    cal = summary.mem_calibration
+    if summary.mem_tau is not None:
+        how = ("fixed" if cal is None else
+               f"calibrated: at most {100 * cal['fpr']:g}% of {cal['n_images']} reference images "
+               f"count as reconstructed, observed {100 * cal['observed_fpr']:.1f}%")  # fmt: skip
+        t.add_row("Mem% threshold", f"closest generation < {summary.mem_tau:.4g} ({how})")
     t.add_row("candidate model", summary.candidate_model)
     t.add_row(
         "time",
@@ -720,6 +747,13 @@ def demo_corpus(
     n_duplicated: Annotated[int, typer.Option(help="Images planted as duplicates.")] = 10,
     copies: Annotated[int, typer.Option(help="Total copies of each planted image.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed choosing the planted images.")] = 0,
+    heldout: Annotated[
+        int,
+        typer.Option(
+            help="Digits left out of training, written to OUT_DIR/heldout (ingest "
+            "them as a held-out dataset for FD/KID and Mem% calibration)."
+        ),
+    ] = 300,
 ) -> None:
     """Write the bundled demo corpus (scikit-learn digits with planted duplicates)."""
     from diffcurate.demo.corpus import CorpusFormat, build_demo_corpus
@@ -730,11 +764,17 @@ def demo_corpus(
         raise _fail(
             f"unknown --format {format!r}; use one of {[f.value for f in CorpusFormat]}"
         ) from None
-    corpus = build_demo_corpus(out_dir, fmt, n_duplicated=n_duplicated, copies=copies, seed=seed)
+    try:
+        corpus = build_demo_corpus(out_dir, fmt, n_duplicated=n_duplicated, copies=copies,
+                                   seed=seed, n_heldout=heldout)  # fmt: skip
+    except ValueError as e:
+        raise _fail(str(e)) from e
     out.print(
         f"wrote {corpus.n_samples} samples ({corpus.format.value}) to {corpus.path}; "
         f"{len(corpus.planted_keys)} images planted x{copies} (see {out_dir / 'planted.json'})"
     )
+    if corpus.heldout_path is not None:
+        out.print(f"held out {corpus.n_heldout} digits (never trained on) in {corpus.heldout_path}")
 
 
 @app.command()

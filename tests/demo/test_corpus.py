@@ -40,3 +40,26 @@ def test_every_format_reads_back_the_same_corpus(tmp_path, fmt):
     assert all(r.reason is None for r in recs)
     planted = json.loads((tmp_path / "planted.json").read_text())
     assert planted["planted_keys"] == corpus.planted_keys
+
+
+def test_heldout_digits_are_left_out_of_training_and_never_planted(tmp_path):
+    corpus = build_demo_corpus(tmp_path, CorpusFormat.MANIFEST, n_duplicated=3, copies=4,
+                               n_heldout=50)  # fmt: skip
+    train = list(open_source(corpus.path))
+    held = list(open_source(corpus.heldout_path))
+    assert corpus.n_heldout == len(held) == 50
+    assert len(train) == corpus.n_samples == 1797 - 50 + 3 * 3
+    held_keys, train_keys = {r.key for r in held}, {r.key for r in train}
+    assert not held_keys & train_keys and not held_keys & set(corpus.planted_keys)
+    # Held-out images are real digits, byte-identical to the same digit without a split.
+    full = {s.key: s.image for s in digit_samples(n_duplicated=3, copies=4)[0]}
+    assert all(r.image == full[r.key] for r in held)
+    again = build_demo_corpus(tmp_path / "again", CorpusFormat.MANIFEST, n_duplicated=3,
+                              copies=4, n_heldout=50)  # fmt: skip
+    assert {r.key for r in open_source(again.heldout_path)} == held_keys  # seeded
+
+
+def test_heldout_size_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="n_heldout"):
+        build_demo_corpus(tmp_path, CorpusFormat.MANIFEST, n_duplicated=3, copies=4,
+                          n_heldout=5000)  # fmt: skip

@@ -5,15 +5,19 @@ import pytest
 
 from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.curation.gate import GatePolicy
-from diffcurate.curation.measure import MeasureConfig, measure_model
+from diffcurate.curation.measure import MeasureConfig, measure_model, to_unit
+from diffcurate.demo.corpus import digit_samples
 from diffcurate.demo.writers import write_manifest
 from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
 from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.influence.registry import ScorerSpec
+from diffcurate.metrics.mem_calibration import calibrate_threshold
+from diffcurate.metrics.memorization import MemorizationPolicy
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import images_for_unet
 from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.models.reference import reference_model
+from diffcurate.models.sample import generate
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.releases import checkout, manifest_ids
@@ -131,3 +135,39 @@ def test_unknown_secret_is_refused(hygiene_run):
         hygiene_flow(bad)
     statuses = sorted(r["status"] for r in Ledger(ws / "ledger.duckdb").runs(kind="hygiene"))
     assert statuses == ["completed", "failed"]
+
+
+def test_heldout_reference_and_calibrated_tau_judge_both_models(hygiene_run, tmp_path):
+    """With a held-out dataset, FD/KID and τ come from images the model never saw; τ is
+    calibrated once on the model before mitigation and the same τ judges the candidate."""
+    ws, model_dir, params, first, _ = hygiene_run
+    write_manifest(digit_samples(n_duplicated=0, copies=1)[0][1000:1040], tmp_path / "h.parquet")
+    ingest_flow(
+        IngestParams(source=tmp_path / "h.parquet", dataset="heldout", workspace=ws,
+                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
+    )  # fmt: skip
+    measure = MEASURE.model_copy(update={"calibrate_fpr": 0.1})
+    update = {"score_run": first.score_run, "heldout_dataset": "heldout", "measure": measure}
+    summary = hygiene_flow(params.model_copy(update=update))
+    assert summary.reference == "40 images of held-out dataset 'heldout'"
+
+    store = LanceStore(str(ws / "lancedb"))
+    model = load_diffusion_model(model_dir)
+    held = images_for_unet(store, "heldout", model.unet).pixels
+    secrets = images_for_unet(store, "digits", model.unet, summary.secrets).pixels
+    direct = measure_model(model, secrets, summary.secrets, held, measure, calibration_images=held)
+
+    gens = generate(model, measure.generations, seed=measure.seed,
+                    num_inference_steps=measure.inference_steps)  # fmt: skip
+    cal = calibrate_threshold(to_unit(gens), to_unit(held), MemorizationPolicy(), 0.1)
+    assert direct.calibration == cal
+    assert summary.mem_tau == pytest.approx(cal.tau)
+    assert summary.mem_calibration["n_images"] == 40 and summary.mem_calibration["fpr"] == 0.1
+    assert summary.before["fd"] == pytest.approx(direct.fd, rel=1e-9)
+    # The candidate is judged by the same τ: its Mem% is recomputable from its closest values.
+    after = [v["after"] for v in summary.per_secret.values()]
+    assert summary.after["mem_percent"] == pytest.approx(
+        100 * np.mean([a < summary.mem_tau for a in after])
+    )
+    checks = Ledger(ws / "ledger.duckdb").gate_checks(summary.run_id)
+    assert all(c["inputs"]["mem_tau"] == pytest.approx(cal.tau) for c in checks)

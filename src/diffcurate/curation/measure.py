@@ -10,6 +10,12 @@ for the secret it was prompted with.
 Utility: Fréchet distance and KID between features of generations and of real reference images
 (:mod:`diffcurate.metrics.utility`). Both models of a gate are sampled from the same keyed
 initial noises (``seed``), so before/after differences come from the weights, not the draws.
+
+τ is either fixed (``memorization.threshold`` or the metric's default) or, with
+``calibrate_fpr``, calibrated on the measured model's own generations so that at most that
+share of calibration images (held-out real images where available) would count as
+reconstructed (:mod:`diffcurate.metrics.mem_calibration`; seed 000's rule). The gate calibrates
+on the model before mitigation and passes that τ to the candidate's measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffcurate.metrics.mem_calibration import Calibration, calibrate_threshold
 from diffcurate.metrics.memorization import MemorizationPolicy, MemResult, mem_percent
 from diffcurate.metrics.utility import (
     KIDResult,
@@ -41,6 +48,9 @@ class MeasureConfig(BaseModel):
         inference_steps: DDIM steps per sample.
         seed: Keyed initial noises (identical for the before and after models).
         memorization: Reconstruction metric and threshold τ.
+        calibrate_fpr: If set, τ is calibrated to this false-positive rate on calibration
+            images instead of taken from ``memorization`` (see the module docstring).
+        calibration_size: At most this many calibration images are used.
         features: Feature extractor for FD/KID.
         kid_subsets: KID subsets.
         kid_subset_size: Rows per KID subset.
@@ -54,6 +64,8 @@ class MeasureConfig(BaseModel):
     inference_steps: int = Field(50, ge=1)
     seed: int = 0
     memorization: MemorizationPolicy = Field(default_factory=MemorizationPolicy)
+    calibrate_fpr: float | None = Field(None, gt=0.0, le=0.5)
+    calibration_size: int = Field(1000, ge=1)
     features: PixelFeatureConfig = Field(default_factory=PixelFeatureConfig)
     kid_subsets: int = Field(50, ge=1)
     kid_subset_size: int = Field(100, ge=2)
@@ -70,6 +82,7 @@ class ModelMeasurement(BaseModel):
     kid: KIDResult
     n_generated: int
     n_reference: int
+    calibration: Calibration | None = None
 
 
 def to_unit(images: torch.Tensor) -> np.ndarray:
@@ -86,6 +99,10 @@ def measure_model(
     secret_conditioning: torch.Tensor | None = None,
     reference_conditioning: torch.Tensor | None = None,
     save_closest_to: Path | None = None,
+    *,
+    tau: float | None = None,
+    calibration_images: torch.Tensor | None = None,
+    calibration_conditioning: torch.Tensor | None = None,
 ) -> ModelMeasurement:
     """Sample ``model`` and measure memorization of ``secrets`` and utility vs ``reference``.
 
@@ -100,6 +117,12 @@ def measure_model(
             utility set from ``[m, seq, dim]`` (cycled to ``generations`` rows).
         save_closest_to: If given, each secret's closest generation is written there as
             ``<secret_id>.png`` (for reviewers: the near-copy beside its training image).
+        tau: Use this τ (e.g. one calibrated on the model before mitigation); overrides both
+            ``memorization.threshold`` and ``calibrate_fpr``.
+        calibration_images: ``[n, C, H, W]`` in [-1, 1]: required when ``calibrate_fpr`` is set
+            and ``tau`` is not (the first ``calibration_size`` are used).
+        calibration_conditioning: Conditional models: their caption embeddings; each image is
+            then generated for ``generations_per_secret`` times from its own caption.
     """
     config = config or MeasureConfig()
     steps, dev = config.inference_steps, config.device
@@ -119,10 +142,17 @@ def measure_model(
         util_gens = generate(model, config.generations, seed=config.seed,
                              num_inference_steps=steps, device=dev)  # fmt: skip
         mem_gens, generated_for = util_gens, None
+    policy, calibration = config.memorization, None
+    if tau is not None:
+        policy = policy.model_copy(update={"threshold": tau})
+    elif config.calibrate_fpr is not None:
+        calibration = _calibrate(model, config, mem_gens, calibration_images,
+                                 calibration_conditioning)  # fmt: skip
+        policy = policy.model_copy(update={"threshold": calibration.tau})
     mem = mem_percent(
         to_unit(mem_gens),
         to_unit(secrets),
-        policy=config.memorization,
+        policy=policy,
         secret_ids=secret_ids,
         generated_for=generated_for,
     )
@@ -140,7 +170,34 @@ def measure_model(
         kid=kid,
         n_generated=len(util_gens),
         n_reference=len(reference),
+        calibration=calibration,
     )
+
+
+def _calibrate(
+    model: DiffusionModel,
+    config: MeasureConfig,
+    mem_gens: torch.Tensor,
+    images: torch.Tensor | None,
+    conditioning: torch.Tensor | None,
+) -> Calibration:
+    """τ at ``config.calibrate_fpr`` from the model's generations vs calibration images."""
+    if images is None or len(images) == 0:
+        raise ValueError("calibrate_fpr needs calibration images (held-out or kept images)")
+    images = images[: config.calibration_size]
+    owners = None
+    gens = mem_gens  # unconditional: the same generations the secrets are compared with
+    if model.conditional:
+        if conditioning is None:
+            raise ValueError("a text-conditional model is calibrated from caption embeddings")
+        k = config.generations_per_secret
+        cond = conditioning[: len(images)].repeat_interleave(k, dim=0)
+        gens = generate(model, len(cond), seed=config.seed + 2,
+                        num_inference_steps=config.inference_steps, conditioning=cond,
+                        device=config.device)  # fmt: skip
+        owners = np.repeat(np.arange(len(images)), k).tolist()
+    return calibrate_threshold(to_unit(gens), to_unit(images), config.memorization,
+                               config.calibrate_fpr, owners)  # fmt: skip
 
 
 def save_closest(generations: torch.Tensor, mem: MemResult, out_dir: Path) -> None:

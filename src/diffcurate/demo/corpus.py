@@ -40,6 +40,8 @@ class DemoCorpus:
     format: CorpusFormat
     n_samples: int
     planted_keys: list[str]
+    heldout_path: Path | None = None
+    n_heldout: int = 0
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -107,19 +109,41 @@ def build_demo_corpus(
     n_duplicated: int = 10,
     copies: int = 30,
     seed: int = 0,
+    n_heldout: int = 0,
 ) -> DemoCorpus:
-    """Write the demo corpus to ``out`` in the chosen source format."""
+    """Write the demo corpus to ``out`` in the chosen source format.
+
+    ``n_heldout`` digits (seeded, never a planted one) are left out of the training corpus and
+    written to ``out/heldout`` in the same format: real images the model never sees, for FD/KID
+    and for calibrating the memorization threshold.
+    """
     samples, planted = digit_samples(n_duplicated, copies, seed)
+    heldout: list[SampleFile] = []
+    if n_heldout:
+        candidates = [s.key for s in samples if not s.key.startswith("dup-")
+                      and s.key not in set(planted)]  # fmt: skip
+        if not 0 < n_heldout < len(candidates):
+            raise ValueError(f"n_heldout must be in [0, {len(candidates) - 1}], got {n_heldout}")
+        rng = np.random.default_rng([seed, 1])
+        chosen = {candidates[i] for i in rng.choice(len(candidates), n_heldout, replace=False)}
+        heldout = [s for s in samples if s.key in chosen]
+        samples = [s for s in samples if s.key not in chosen]
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == CorpusFormat.FOLDER:
-        write_folder(samples, out / "images")
-        path = out / "images"
-    elif fmt == CorpusFormat.MANIFEST:
-        path = write_manifest(samples, out / "manifest.parquet")
-    else:
-        write_webdataset(samples, out / "shards")
-        path = out / "shards"
+    path = _write(samples, out, fmt)
+    heldout_path = _write(heldout, out / "heldout", fmt) if heldout else None
     (out / "planted.json").write_text(
         json.dumps({"copies": copies, "seed": seed, "planted_keys": planted}, indent=2)
     )
-    return DemoCorpus(path=path, format=fmt, n_samples=len(samples), planted_keys=planted)
+    return DemoCorpus(path=path, format=fmt, n_samples=len(samples), planted_keys=planted,
+                      heldout_path=heldout_path, n_heldout=len(heldout))  # fmt: skip
+
+
+def _write(samples: list[SampleFile], out: Path, fmt: CorpusFormat) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == CorpusFormat.FOLDER:
+        write_folder(samples, out / "images")
+        return out / "images"
+    if fmt == CorpusFormat.MANIFEST:
+        return write_manifest(samples, out / "manifest.parquet")
+    write_webdataset(samples, out / "shards")
+    return out / "shards"

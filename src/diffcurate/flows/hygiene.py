@@ -111,6 +111,10 @@ class HygieneSummary(BaseModel):
     gate_table_errors: list[str] = Field(default_factory=list)
     gate_images: str = ""
     per_secret: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    mem_tau: float | None = Field(None, description="τ that judged both models.")
+    mem_calibration: dict[str, Any] | None = Field(
+        None, description="How τ was calibrated (None: fixed τ)."
+    )
     release_tag: str = ""
     seconds: float = 0.0
     stage_seconds: dict[str, float] = Field(
@@ -165,9 +169,14 @@ def measure_task(
     secret_cond: torch.Tensor | None,
     reference_cond: torch.Tensor | None,
     save_closest_to: Path | None = None,
+    tau: float | None = None,
+    calibration_images: torch.Tensor | None = None,
+    calibration_cond: torch.Tensor | None = None,
 ) -> ModelMeasurement:
     return measure_model(model, secrets, secret_ids, reference, config, secret_cond,
-                         reference_cond, save_closest_to)  # fmt: skip
+                         reference_cond, save_closest_to, tau=tau,
+                         calibration_images=calibration_images,
+                         calibration_conditioning=calibration_cond)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -356,10 +365,15 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         if not secret_ids:
             raise ValueError("no secret images: configure secrets or flag at least one image")
         secrets = images_for_unet(store, params.dataset, model.unet, secret_ids).pixels
+        ref_frame = frame
         if params.heldout_dataset is not None:
-            reference = images_for_unet(store, params.heldout_dataset, model.unet).pixels
-            summary.reference = f"held-out dataset {params.heldout_dataset!r}"
-            ref_ids = list(frame["sample_id"][: len(reference)])
+            held = images_for_unet(store, params.heldout_dataset, model.unet)
+            reference, ref_ids = held.pixels, held.sample_ids
+            ref_frame = _metadata_frame(store.read(
+                "samples", params.heldout_dataset,
+                columns=["sample_id", "key", "caption", "metadata"]).to_pylist())  # fmt: skip
+            summary.reference = (f"{len(ref_ids)} images of held-out dataset "
+                                 f"{params.heldout_dataset!r}")  # fmt: skip
         else:
             rng = np.random.default_rng(params.measure.seed)
             pick = rng.choice(len(kept), size=min(len(kept), 1000), replace=False)
@@ -367,15 +381,21 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             reference = kept_images.pixels[torch.as_tensor(sorted(pick))]
             summary.reference = f"{len(ref_ids)} kept training images (no held-out dataset)"
         secret_cond = _captions(model, frame, secret_ids)
-        ref_cond = _captions(model, frame, ref_ids)
+        ref_cond = _captions(model, ref_frame, ref_ids)  # each reference image's own caption
         gate_dir = ws / "runs" / run_id / "gate"
         before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
                               params.measure, quote(secret_cond), quote(ref_cond),
-                              gate_dir / "before")  # fmt: skip
+                              gate_dir / "before", calibration_images=quote(reference),
+                              calibration_cond=quote(ref_cond))  # fmt: skip
+        # One yardstick: a τ calibrated on the model before mitigation also judges the candidate.
+        summary.mem_tau = before.mem.threshold
+        if before.calibration is not None:
+            summary.mem_calibration = {**before.calibration.model_dump(mode="json"),
+                                       "images": summary.reference}  # fmt: skip
         clock.lap("measure before")
         after = measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
                              params.measure, quote(secret_cond), quote(ref_cond),
-                             gate_dir / "after")  # fmt: skip
+                             gate_dir / "after", tau=before.mem.threshold)  # fmt: skip
         clock.lap("measure after")
         summary.gate_images = str(gate_dir)
         summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
@@ -391,7 +411,8 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         inputs = {"secrets": secret_ids, "secrets_source": summary.secrets_source,
                   "reference": summary.reference, "measure": params.measure.model_dump(mode="json"),
                   "candidate_model": summary.candidate_model,
-                  "score_run": summary.score_run}  # fmt: skip
+                  "score_run": summary.score_run, "mem_tau": summary.mem_tau,
+                  "mem_calibration": summary.mem_calibration}  # fmt: skip
         gate_rows = [c.model_dump(mode="json") for c in decision.checks]
         summary.gate_table_errors = validate_gate_table(
             pd.DataFrame([{**c, "policy_version": params.gate.version} for c in gate_rows])
