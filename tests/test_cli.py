@@ -197,6 +197,9 @@ def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files)
         assert expected in res.output, expected
     releases = [r["tag"] for r in Ledger(ws / "ledger.duckdb").releases("digits")]
     assert releases == ["digits-candidate-1"]
+    res = invoke("run", "-d", "digits", "-m", model, "--mem-tau", 0.1, "--mem-calibrate-fpr",
+                 0.1, "-w", ws)  # fmt: skip
+    assert res.exit_code == 2 and "either --mem-tau or --mem-calibrate-fpr" in res.output
     res = invoke("run", "-d", "digits", "-m", model, "--secrets", "no-such-key", "-w", ws)
     assert res.exit_code == 2 and "secrets not found" in res.output
     (tmp_path / "bad.json").write_text(json.dumps({"planted_keys": [1, 2]}))
