@@ -20,6 +20,7 @@ from rich.table import Table
 
 from diffcurate.config import Settings, load_settings
 from diffcurate.dashboards.cli import serve, users_app
+from diffcurate.deploy_cli import deploy_app
 from diffcurate.release_cli import release_app
 
 app = typer.Typer(
@@ -867,6 +868,7 @@ def config(workspace: WorkspaceOpt = None) -> None:
 app.add_typer(release_app, name="release", help="List, show, approve or reject candidate releases.")
 app.add_typer(users_app, name="users", help="Add or list review-dashboard users.")
 app.command("serve")(serve)
+app.add_typer(deploy_app, name="deploy", help="Work pools, deployments and schedules at scale.")
 
 
 def main() -> None:  # pragma: no cover - console entry point

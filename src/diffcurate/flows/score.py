@@ -13,8 +13,12 @@ Steps:
     5. For each shard: load and convert its images, compute the signal, write ``scores`` rows
        (merge on ``run_id/sample_id``: a retried or resumed shard adds nothing twice). ``dmin``
        writes gradient sketches to the ``sketches`` table instead, and builds its ANN index
-       after the last shard.
-    6. Close the run with summary statistics, layer names and timesteps.
+       after the last shard. With ``runner="dask"`` the shards are task runs on a Dask cluster
+       (``prefect-dask``), each writing its own rows; the dataset-level state is saved once
+       under ``WORKSPACE/cache/runs/<run_id>/`` for the workers, and the flow re-submits
+       shards until every sample has exactly one row (:mod:`diffcurate.flows.sharded`).
+    6. Close the run with summary statistics, layer names and timesteps. Only this flow writes
+       the ledger; workers write LanceDB rows.
 
 Scores never depend on shard boundaries: the (t, ε) draws and probes are keyed by sample id,
 and dataset-level state is computed from the whole dataset's ids, not from a shard.
@@ -25,18 +29,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffcurate.flows.progress import progress_bar
+from diffcurate.flows.sharded import DaskOptions, dask_task_runner, run_sharded, shard_tags
 from diffcurate.influence.objective import ScoreResult
-from diffcurate.influence.registry import ScorerSpec, batch_units
+from diffcurate.influence.registry import RunState, ScorerSpec, batch_units
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.schemas import SCORES
@@ -49,6 +56,7 @@ from diffcurate.tasks.score import (
     write_scores,
     write_sketches,
 )
+from diffcurate.tasks.shards import save_state
 
 
 class ScoreParams(BaseModel):
@@ -67,11 +75,31 @@ class ScoreParams(BaseModel):
     shard_size: int = Field(256, ge=1, description="Samples per shard (unit of commit/resume).")
     resume: bool = Field(True, description="Resume an interrupted run with the same fingerprint.")
     progress: bool = True
+    runner: Literal["local", "dask"] = Field(
+        "local",
+        description="local: shards one after another in this process; dask: shards as task "
+        "runs on a Dask cluster (see `dask`), each worker writing its rows to LanceDB.",
+    )
+    dask: DaskOptions = Field(default_factory=DaskOptions)
+    shard_retries: int = Field(2, ge=0, description="dask: Prefect retries of a failing shard.")
+    max_rounds: int = Field(
+        3, ge=1, description="dask: rounds of re-submitting shards whose rows are missing."
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Tags of the shard task runs, for Prefect tag concurrency limits; `gpu` is "
+        "added when the scorer runs on cuda.",
+    )
 
     @model_validator(mode="after")
     def _model_given(self) -> ScoreParams:
         if self.model is None and self.scorer.uses_model:
             raise ValueError(f"the {self.scorer.signal} scorer needs a model directory")
+        if self.runner == "dask" and not self.scorer.is_risk:
+            raise ValueError(
+                f"runner='dask' shards risk scorers; {self.scorer.signal} sketches are written "
+                "by the local runner"
+            )
         return self
 
 
@@ -94,6 +122,15 @@ class ScoreSummary(BaseModel):
     sketch_table: str = ""
     sketch_index: str = ""
     seconds: float = 0.0
+    runner: str = "local"
+    workers: int = Field(0, description="dask: distinct worker processes that scored shards.")
+    shard_rounds: int = 0
+    resubmitted_shards: int = Field(0, description="dask: shards submitted again by the flow.")
+    lost_shards: int = Field(0, description="dask: shard runs lost with their worker.")
+    duplicates_removed: int = 0
+    peak_concurrent_shards: int = 0
+    shard_seconds: float = Field(0.0, description="dask: first shard start to last shard end.")
+    worker_seconds: float = Field(0.0, description="dask: shard execution time, all workers.")
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -163,6 +200,47 @@ def sketch_table_for(uri: str, width: int) -> SketchStore:
     return SketchStore(uri, table=f"{SKETCH_TABLE}_{width}")
 
 
+def _score_distributed(
+    params: ScoreParams,
+    run_id: str,
+    shards: list[list[str]],
+    uses_model: bool,
+    state: RunState | None,
+    cache_dir: Path,
+    summary: ScoreSummary,
+    on_shard: Callable[[int], None],
+) -> None:
+    """Step 5 on a Dask cluster: save the run state for the workers, map the shards."""
+    log = get_run_logger()
+    state_path = None
+    if state is not None:
+        state_path = str(save_state(state, cache_dir / "runs" / run_id / "state.pt"))
+    model_dir = str(params.model.resolve()) if uses_model and params.model is not None else None
+    store = LanceStore(str((params.workspace / "lancedb").resolve()))
+    with dask_task_runner(params.dask) as runner:
+        outcome = run_sharded(
+            runner=runner, store=store, dataset=params.dataset, run_id=run_id, shards=shards,
+            model_dir=model_dir,
+            model_fingerprint="" if model_dir is None else model_fingerprint(Path(model_dir)),
+            spec=params.scorer, state_path=state_path,
+            tags=shard_tags(params.scorer, params.tags), retries=params.shard_retries,
+            max_rounds=params.max_rounds, log=log, on_shard=on_shard,
+        )  # fmt: skip
+    # Rows this run added: a shard whose worker died after its commit wrote rows that no
+    # completed task reports, so count them in the table rather than summing the reports.
+    summary.scored = outcome.rows - summary.already_scored
+    summary.method = outcome.method or summary.method
+    summary.layer_names = list(outcome.layer_names)
+    summary.workers = len(outcome.workers)
+    summary.shard_rounds = outcome.rounds
+    summary.resubmitted_shards = outcome.resubmitted
+    summary.lost_shards = outcome.lost
+    summary.duplicates_removed = outcome.duplicates_removed
+    summary.peak_concurrent_shards = outcome.peak_concurrency
+    summary.shard_seconds = round(outcome.wall_seconds, 3)
+    summary.worker_seconds = round(outcome.busy_seconds, 3)
+
+
 @flow(name="score", validate_parameters=True)
 def score_flow(params: ScoreParams) -> ScoreSummary:
     """Score every sample of a dataset with one scorer (or sketch it, for dmin); resumable."""
@@ -190,8 +268,11 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         )
     summary = ScoreSummary(
         run_id=run_id, dataset=params.dataset, signal=spec.signal, resumed=resumed,
-        timesteps=list(spec.effective_timesteps),
+        timesteps=list(spec.effective_timesteps), runner=params.runner,
     )  # fmt: skip
+    distributed = params.runner == "dask"
+    # Workers may run elsewhere: give them absolute paths (a shared file system or mount).
+    cache_dir = (params.workspace.resolve() if distributed else params.workspace) / "cache"
     try:
         # 2. Model.
         model = None
@@ -227,15 +308,16 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         state = None
         if shards and spec.is_risk:
             t0 = time.perf_counter()
-            state = prepare_scorer(
-                store, params.dataset, quote(ids), quote(model), spec,
-                params.workspace / "cache",
-            )  # fmt: skip
+            state = prepare_scorer(store, params.dataset, quote(ids), quote(model), spec, cache_dir)
             summary.state_seconds = round(time.perf_counter() - t0, 3)
             summary.fit_size = 0 if state.fit is None else len(state.fit.keys)
         # 5. Shards.
-        with progress_bar("score", params.progress) as bar:
+        with progress_bar("score", params.progress) as bar, tags(*shard_tags(spec, params.tags)):
             task = bar.add_task("score", total=len(ids), completed=len(done))
+            if distributed and shards:
+                _score_distributed(params, run_id, shards, model is not None, state, cache_dir,
+                                   summary, lambda n: bar.update(task, advance=n))  # fmt: skip
+                shards = []
             for shard in shards:
                 if sketches is not None:
                     assert model is not None

@@ -117,3 +117,40 @@ class LanceStore:
             return self.table(name).count_rows()
         validate_dataset_name(dataset)
         return self.table(name).count_rows(f"dataset = '{dataset}'")
+
+    def key_counts(self, name: str, where: dict[str, str | Sequence[str]]) -> dict[str, int]:
+        """How many rows each primary key has among the rows matching ``where``."""
+        _, key = TABLES[name]
+        keys = self.read(name, columns=[key], where=where).column(key).to_pylist()
+        counts: dict[str, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return counts
+
+    def drop_duplicate_keys(self, name: str, keys: Sequence[str]) -> int:
+        """Keep one row of each primary key in ``keys``; returns how many rows were removed.
+
+        ``merge_insert`` makes a retried write idempotent, but two writers merging the same new
+        key at the same moment (a worker presumed dead that still commits, beside the shard's
+        re-run) can both insert it. Copies of a key hold equal values (scores are deterministic),
+        so any one may stay. The extra rows are deleted by row id in one atomic commit.
+        """
+        if not keys:
+            return 0
+        _, key = TABLES[name]
+        tbl = self.table(name)
+        found = tbl.to_lance().to_table(
+            columns=[key], filter=f"{key} IN ({', '.join(_literal(k) for k in keys)})",
+            with_row_id=True,
+        )  # fmt: skip
+        seen: set[str] = set()
+        extra: list[int] = []
+        for k, row_id in zip(found.column(key).to_pylist(), found.column("_rowid").to_pylist(),
+                             strict=True):  # fmt: skip
+            if k in seen:
+                extra.append(int(row_id))
+            else:
+                seen.add(k)
+        if extra:
+            tbl.delete(f"_rowid IN ({', '.join(map(str, extra))})")
+        return len(extra)
