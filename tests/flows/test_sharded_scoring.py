@@ -7,6 +7,7 @@ single-process scoring.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,10 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.demo.corpus import digit_samples
-from diffcurate.demo.writers import write_manifest
-from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.flows.sharded import (
     DaskOptions,
@@ -34,7 +32,7 @@ from diffcurate.influence.registry import EKFACOptions, ScorerSpec, TRAKOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.schemas import SCORES
-from tiny_unets import scheduler, tiny_unet
+from workspaces import ingest_samples, save_tiny_unet_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -49,16 +47,8 @@ def corpus(tmp_path_factory):
     """A workspace with 48 ingested real digits and a saved tiny UNet."""
     root = tmp_path_factory.mktemp("sharded")
     samples, _ = digit_samples(n_duplicated=0, copies=1)
-    write_manifest(samples[:N_SAMPLES], root / "m.parquet")
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
-    model_dir = root / "model"
-    tiny_unet().float().save_pretrained(model_dir / "unet")
-    scheduler().save_pretrained(model_dir / "scheduler")
-    return ws, model_dir
+    ws = ingest_samples(root, samples[:N_SAMPLES])
+    return ws, save_tiny_unet_model(root / "model")
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +131,8 @@ def test_killed_worker_mid_shard_still_scores_every_sample_once(corpus, referenc
     ws, model_dir = corpus
     lc, client = cluster
     store = LanceStore(str(ws / "lancedb"))
-    before = store.count("scores")
-    killed: dict[str, object] = {}
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_busy_worker_once,
-                              args=(client, store, before, killed, stop), daemon=True)  # fmt: skip
-    killer.start()
-    try:
+    with killing_a_busy_worker(client, store) as killed:
         summary = dask_run(ws, model_dir, dask=DaskOptions(address=lc.scheduler_address))
-    finally:
-        stop.set()
-        killer.join(timeout=10)
     assert killed, "the run ended before a worker could be killed mid-shard"
     assert killed["keys"] and 0 < killed["rows"] < N_SAMPLES  # type: ignore[operator]
     assert_equal_to_reference(ws, summary, reference)
@@ -159,6 +140,22 @@ def test_killed_worker_mid_shard_still_scores_every_sample_once(corpus, referenc
     # the nanny restarted the killed worker: a new process serves the cluster
     client.wait_for_workers(2, timeout=120)
     assert killed["pid"] not in client.run(os.getpid).values()
+
+
+@contextlib.contextmanager
+def killing_a_busy_worker(client, store: LanceStore):
+    """While the block runs, SIGKILL one worker mid-shard (once a shard has been committed);
+    yields a dict that then describes the kill (address, pid, keys, rows committed before)."""
+    killed: dict[str, object] = {}
+    stop = threading.Event()
+    args = (client, store, store.count("scores"), killed, stop)
+    killer = threading.Thread(target=_kill_a_busy_worker_once, args=args, daemon=True)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        killer.join(timeout=10)
 
 
 def _kill_a_busy_worker_once(client, store, before: int, killed: dict, stop) -> None:
@@ -184,33 +181,29 @@ def test_a_shard_dask_gives_up_on_is_resubmitted_by_the_flow(corpus, reference):
 
     ws, model_dir = corpus
     store = LanceStore(str(ws / "lancedb"))
-    before = store.count("scores")
-    killed: dict[str, object] = {}
-    stop = threading.Event()
     with (
         dask.config.set({"distributed.scheduler.allowed-failures": 0}),
         local_cluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as lc,
         Client(lc, set_as_default=False) as client,
+        killing_a_busy_worker(client, store) as killed,
     ):  # fmt: skip
-        args = (client, store, before, killed, stop)
-        killer = threading.Thread(target=_kill_a_busy_worker_once, args=args, daemon=True)
-        killer.start()
-        try:
-            summary = dask_run(ws, model_dir, dask=DaskOptions(address=lc.scheduler_address))
-        finally:
-            stop.set()
-            killer.join(timeout=10)
+        summary = dask_run(ws, model_dir, dask=DaskOptions(address=lc.scheduler_address))
     assert killed, "the run ended before a worker could be killed mid-shard"
     assert summary.lost_shards >= 1 and summary.shard_rounds >= 2
     assert summary.resubmitted_shards >= 1
     assert_equal_to_reference(ws, summary, reference)
 
 
-def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster):
+@pytest.mark.parametrize("in_event_loop", [False, True], ids=["plain", "in-event-loop"])
+def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster, in_event_loop):
     """A shard task that raises (here: the model files differ from the run's fingerprint) is
     retried, then its error fails the run (after the round's other shards); no worker writes
-    rows for a model it cannot vouch for."""
+    rows for a model it cannot vouch for. The same holds when the caller's thread runs an event
+    loop (a notebook; a Playwright session earlier in the test run), where prefect's
+    ``State.result`` would otherwise hand back an un-awaited coroutine instead of raising."""
+    import asyncio
+
     from diffcurate.flows.score import model_fingerprint
     from diffcurate.flows.sharded import dask_task_runner, run_sharded
     from diffcurate.tasks.shards import ModelChangedError
@@ -221,14 +214,21 @@ def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster):
     ids = sorted(store.read("samples", "digits", columns=["sample_id"]).column("sample_id")
                  .to_pylist())  # fmt: skip
     assert model_fingerprint(model_dir) != "stale"
-    with (
-        dask_task_runner(DaskOptions(address=lc.scheduler_address)) as runner,
-        pytest.raises(ModelChangedError, match="changed since this scoring run started"),
-    ):
+
+    def stale_run():
         run_sharded(runner=runner, store=store, dataset="digits", run_id="score-stale",
                     shards=[ids[:6], ids[6:12]], model_dir=str(model_dir.resolve()),
                     model_fingerprint="stale", spec=SPEC, state_path=None, tags=[],
                     retries=1, max_rounds=3, log=logging.getLogger("test"))  # fmt: skip
+
+    async def inside_a_running_loop():
+        stale_run()  # a plain blocking call, made while this thread's loop runs
+
+    with (
+        dask_task_runner(DaskOptions(address=lc.scheduler_address)) as runner,
+        pytest.raises(ModelChangedError, match="changed since this scoring run started"),
+    ):
+        asyncio.run(inside_a_running_loop()) if in_event_loop else stale_run()
     assert store.read("scores", where={"run_id": "score-stale"}).num_rows == 0
 
 

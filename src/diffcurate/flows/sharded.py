@@ -210,8 +210,10 @@ def run_sharded(
                 log.warning("shard %d lost (%s: %s): it will be re-submitted", k,
                             type(e).__name__, e)  # fmt: skip
                 continue
+            # _sync: prefect returns a coroutine instead when the caller's thread runs an
+            # event loop (a notebook, or a Playwright session) and no flow context is active.
             if state.is_completed():
-                report: ShardReport = state.result()
+                report: ShardReport = state.result(_sync=True)
                 outcome.written += report.written
                 if not report.skipped:
                     outcome.workers.add(report.worker)
@@ -223,7 +225,7 @@ def run_sharded(
                 log.warning("shard %d crashed (%s): it will be re-submitted", k, state.message)
             else:
                 try:
-                    state.result(raise_on_failure=True)
+                    state.result(raise_on_failure=True, _sync=True)
                 except BaseException as e:
                     failed.append(e)
                 else:  # pragma: no cover - a non-final state cannot come back from Dask
