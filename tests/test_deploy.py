@@ -203,19 +203,12 @@ def test_deploy_apply_creates_pools_limit_and_every_deployment(prefect_server, t
 @pytest.fixture(scope="module")
 def hygiene_inputs(tmp_path_factory, digit_files, prefect_harness):
     """An ingested workspace (60 digits + 3 copies) and a saved tiny reference DDPM."""
-    from diffcurate.config import ClipSettings, IngestSettings
-    from diffcurate.demo.writers import write_manifest
-    from diffcurate.flows.ingest import IngestParams, ingest_flow
     from diffcurate.models.diffusion import save_diffusion_model
     from diffcurate.models.reference import reference_model
+    from workspaces import ingest_samples
 
     root = tmp_path_factory.mktemp("deploy-hygiene")
-    write_manifest(digit_files, root / "m.parquet")
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
+    ws = ingest_samples(root, digit_files)
     model_dir = save_diffusion_model(reference_model("tiny", seed=1), root / "model")
     params = root / "hygiene.json"
     params.write_text(json.dumps({

@@ -35,24 +35,17 @@ def artifacts() -> Path:
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory, digit_files, prefect_harness):
     """A real hygiene run on 63 ingested digits with a saved tiny DDPM (about 20 s)."""
-    from diffcurate.config import ClipSettings, IngestSettings
     from diffcurate.curation.gate import GatePolicy
     from diffcurate.curation.measure import MeasureConfig
-    from diffcurate.demo.writers import write_manifest
     from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
-    from diffcurate.flows.ingest import IngestParams, ingest_flow
     from diffcurate.influence.registry import ScorerSpec
     from diffcurate.models.diffusion import save_diffusion_model
     from diffcurate.models.mitigate import MitigationConfig
     from diffcurate.models.reference import reference_model
+    from workspaces import ingest_samples
 
     root = tmp_path_factory.mktemp("dash-real")
-    write_manifest(digit_files, root / "m.parquet")
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
+    ws = ingest_samples(root, digit_files)
     model_dir = save_diffusion_model(reference_model("tiny", seed=1), root / "model")
     params = HygieneParams(
         dataset="digits", model=model_dir, workspace=ws, scorer=ScorerSpec(signal="loss"),

@@ -3,13 +3,10 @@
 import numpy as np
 import pytest
 
-from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.curation.gate import GatePolicy
 from diffcurate.curation.measure import MeasureConfig, measure_model, to_unit
 from diffcurate.demo.corpus import digit_samples
-from diffcurate.demo.writers import write_manifest
 from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
-from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.mem_calibration import calibrate_threshold
 from diffcurate.metrics.memorization import MemorizationPolicy
@@ -21,6 +18,7 @@ from diffcurate.models.sample import generate
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.releases import checkout, manifest_ids
+from workspaces import ingest_samples
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -30,12 +28,7 @@ MEASURE = MeasureConfig(generations=24, inference_steps=4, kid_subsets=5, kid_su
 @pytest.fixture(scope="module")
 def hygiene_run(tmp_path_factory, digit_files):
     root = tmp_path_factory.mktemp("hygiene")
-    write_manifest(digit_files, root / "m.parquet")  # 60 digits + 3 exact copies of digit 5
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
+    ws = ingest_samples(root, digit_files)  # 60 digits + 3 exact copies of digit 5
     model_dir = save_diffusion_model(reference_model("tiny", seed=1), root / "model")
     store = LanceStore(str(ws / "lancedb"))
     samples_version = store.table("samples").version
@@ -141,11 +134,8 @@ def test_heldout_reference_and_calibrated_tau_judge_both_models(hygiene_run, tmp
     """With a held-out dataset, FD/KID and τ come from images the model never saw; τ is
     calibrated once on the model before mitigation and the same τ judges the candidate."""
     ws, model_dir, params, first, _ = hygiene_run
-    write_manifest(digit_samples(n_duplicated=0, copies=1)[0][1000:1040], tmp_path / "h.parquet")
-    ingest_flow(
-        IngestParams(source=tmp_path / "h.parquet", dataset="heldout", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
+    held_out = digit_samples(n_duplicated=0, copies=1)[0][1000:1040]
+    ingest_samples(tmp_path, held_out, dataset="heldout", ws=ws)
     measure = MEASURE.model_copy(update={"calibrate_fpr": 0.1})
     update = {"score_run": first.score_run, "heldout_dataset": "heldout", "measure": measure}
     summary = hygiene_flow(params.model_copy(update=update))

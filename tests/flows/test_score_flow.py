@@ -5,9 +5,6 @@ import pytest
 import torch
 
 import diffcurate.flows.score as score_module
-from diffcurate.config import ClipSettings, IngestSettings
-from diffcurate.demo.writers import write_manifest
-from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec, score_function
 from diffcurate.models.diffusion import (
@@ -19,6 +16,7 @@ from diffcurate.models.images import load_training_images
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from tiny_unets import scheduler, tiny_cond_unet, tiny_text_encoder, tiny_unet
+from workspaces import ingest_samples, save_tiny_unet_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -27,16 +25,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def scored_workspace(tmp_path_factory, digit_files):
     """A workspace with 30 ingested digits and a saved tiny UNet (float32)."""
     root = tmp_path_factory.mktemp("score")
-    write_manifest(digit_files[:30], root / "m.parquet")
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
-    model_dir = root / "model"
-    tiny_unet().float().save_pretrained(model_dir / "unet")
-    scheduler().save_pretrained(model_dir / "scheduler")
-    return ws, model_dir
+    ws = ingest_samples(root, digit_files[:30])
+    return ws, save_tiny_unet_model(root / "model")
 
 
 def run(ws, model_dir, spec, **kw):

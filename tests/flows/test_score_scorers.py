@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import diffcurate.flows.score as score_module
-from diffcurate.config import ClipSettings, IngestSettings
+from diffcurate.config import IngestSettings
 from diffcurate.demo.writers import write_manifest
 from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.flows.score import ScoreParams, score_flow
@@ -34,6 +34,7 @@ from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.sketches import SketchStore
 from diffcurate.tasks.score import MissingEmbeddingsError
 from tiny_unets import scheduler, tiny_unet
+from workspaces import ingest_samples, save_tiny_unet_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -45,16 +46,8 @@ FIT = 12  # < N: the fit set is a proper seeded sample of the dataset
 def ws(tmp_path_factory, digit_files):
     """30 ingested digits (no CLIP embeddings) and a saved tiny UNet (float32 weights)."""
     root = tmp_path_factory.mktemp("scorers")
-    write_manifest(digit_files[:N], root / "m.parquet")
-    ws = root / "ws"
-    ingest_flow(
-        IngestParams(source=root / "m.parquet", dataset="digits", workspace=ws,
-                     clip=ClipSettings(), ingest=IngestSettings(), progress=False)
-    )  # fmt: skip
-    model_dir = root / "model"
-    tiny_unet().float().save_pretrained(model_dir / "unet")
-    scheduler().save_pretrained(model_dir / "scheduler")
-    return ws, model_dir
+    ws = ingest_samples(root, digit_files[:N])
+    return ws, save_tiny_unet_model(root / "model")
 
 
 def run(ws, spec, model_dir=None, **kw):
