@@ -205,3 +205,15 @@ def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files)
     (tmp_path / "bad.json").write_text(json.dumps({"planted_keys": [1, 2]}))
     res = invoke("run", "-d", "digits", "-m", model, "--secrets", tmp_path / "bad.json", "-w", ws)
     assert res.exit_code == 2 and "expected a list" in res.output
+
+
+def test_importing_the_cli_does_not_import_prefect():
+    """The CLI sets PREFECT_HOME and PREFECT_LOGGING_LEVEL for the workspace before prefect
+    reads them, which prefect does once, on import: no module the CLI imports at start-up may
+    import prefect (one that did made every run print INFO logs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, diffcurate.cli; print(sorted(m for m in sys.modules if m == 'prefect'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

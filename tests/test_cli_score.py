@@ -45,3 +45,24 @@ def test_score_scorers_from_the_command_line(tmp_path, digit_files):
     assert res.exit_code == 0, res.output
     assert "sketched now" in res.output and "diffcurate attribute IMAGE" in res.output
     assert SketchStore(str(ws / "lancedb")).count() == 12
+
+
+def test_score_on_a_dask_cluster_from_the_command_line(tmp_path, digit_files):
+    """`--runner dask` scores on a temporary local cluster; its rows equal the local runner's."""
+    write_folder(digit_files[:12], tmp_path / "src")
+    rows = {}
+    for name in ("local", "dask"):
+        ws = tmp_path / name
+        assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
+        res = invoke("score", "-d", "digits", "--scorer", "random", "--runner", name,
+                     "--dask-workers", 1, "--shard-size", 5, "-w", ws)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        table = LanceStore(str(ws / "lancedb")).read("scores", columns=["sample_id", "score"])
+        rows[name] = dict(zip(*table.to_pydict().values(), strict=True))
+    assert len(rows["dask"]) == 12 and rows["dask"] == rows["local"]
+    ws = tmp_path / "dask"
+    res = invoke("score", "-d", "digits", "--scorer", "dmin", "-m", tmp_path, "--runner", "dask",
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code == 2 and "runner='dask' shards risk scorers" in res.output
+    res = invoke("score", "-d", "digits", "--scorer", "random", "--runner", "ray", "-w", ws)
+    assert res.exit_code == 2 and "runner" in res.output

@@ -248,6 +248,23 @@ def score(
     resume: Annotated[
         bool, typer.Option(help="Resume an interrupted run with identical settings.")
     ] = True,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="local: shards one after another here; dask: shards as task runs on "
+            "a Dask cluster, each worker writing its rows (risk scorers only)."
+        ),
+    ] = "local",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--runner dask: scheduler of an existing cluster (tcp://host:8786) "
+            "[default: a temporary local cluster]."
+        ),
+    ] = None,
+    dask_workers: Annotated[
+        int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
+    ] = 2,
     top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 10,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -299,10 +316,12 @@ def score(
             dmin=DMinOptions(sketch_dim=sketch_dim, n_timesteps=sketch_timesteps),
         )  # fmt: skip
         from diffcurate.flows.score import ScoreParams, score_flow
+        from diffcurate.flows.sharded import DaskOptions
 
         params = ScoreParams(
             dataset=dataset, model=model, scorer=spec, workspace=settings.workspace,
-            shard_size=shard_size, resume=resume,
+            shard_size=shard_size, resume=resume, runner=runner,
+            dask=DaskOptions(address=dask_address, n_workers=dask_workers),
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise _fail(str(e)) from e

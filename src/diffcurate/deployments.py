@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.client.schemas.actions import DeploymentScheduleCreate
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_PREFECT_FILE = Path("infra/prefect.yaml")
@@ -190,6 +189,9 @@ def apply(prefect_file: Path, env: dict[str, str], names: list[str] | None = Non
     prefect 3.8.8's CLI stops after the first deployment, when it asks the server for the
     pool's workers with ``limit: null`` and gets a 422.
     """
+    # prefect is imported here, not at module level: the CLI imports this module before it sets
+    # PREFECT_HOME / PREFECT_LOGGING_LEVEL, which prefect reads once, on import.
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import construct_schedule
     from prefect.flows import load_flow_from_entrypoint
     from prefect.types.entrypoint import EntrypointType
