@@ -58,7 +58,7 @@ that query (``random``: as many random ones), retrain with seed 0 (the full mode
 settings) and report the mean increase of the query's loss over the full model's (± standard error
 over queries). A method that finds the samples the query depends on raises the loss most.
 
-Run:  .venv/bin/python benchmarks/lds.py               # defaults: ~35 min on one CPU core
+Run:  .venv/bin/python benchmarks/lds.py               # defaults: ~37 min on one CPU core
       .venv/bin/python benchmarks/lds.py --n-train 64 --subsets 6 --seeds 1 --steps 60 \\
           --n-queries 4 --rwt-queries 1 --bif-draws 5     # a smoke run, about a minute
       .venv/bin/python benchmarks/lds.py --device cuda --arch digits-8px --subsets 100 \\
