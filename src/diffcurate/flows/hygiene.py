@@ -243,6 +243,34 @@ def _captions(model: DiffusionModel, frame: pd.DataFrame, ids: list[str]) -> tor
     return model.text_encoder.encode([caption[i] for i in ids])
 
 
+def utility_reference(
+    store: LanceStore,
+    heldout_dataset: str | None,
+    model: DiffusionModel,
+    frame: pd.DataFrame,
+    ids: list[str],
+    pixels: torch.Tensor,
+    seed: int,
+    what: str = "training images",
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Real images for FD/KID (and τ calibration): the held-out dataset when there is one, else
+    up to 1,000 seeded picks of ``ids`` (whose ``pixels`` are given). Returns the images, their
+    caption embeddings (conditional models; each image's own caption) and a description."""
+    if heldout_dataset is not None:
+        held = images_for_unet(store, heldout_dataset, model.unet)
+        ref_frame = _metadata_frame(store.read(
+            "samples", heldout_dataset,
+            columns=["sample_id", "key", "caption", "metadata"]).to_pylist())  # fmt: skip
+        cond = _captions(model, ref_frame, held.sample_ids)
+        described = f"{len(held.sample_ids)} images of held-out dataset {heldout_dataset!r}"
+        return held.pixels, cond, described
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(ids), size=min(len(ids), 1000), replace=False))
+    ref_ids = [ids[i] for i in pick]
+    described = f"{len(ref_ids)} {what} (no held-out dataset)"
+    return pixels[torch.as_tensor(pick)], _captions(model, frame, ref_ids), described
+
+
 def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
     return {"mem_percent": m.mem.mem_percent, "fd": m.fd, "kid": m.kid.mean,
             "kid_std": m.kid.std}  # fmt: skip
@@ -365,23 +393,11 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         if not secret_ids:
             raise ValueError("no secret images: configure secrets or flag at least one image")
         secrets = images_for_unet(store, params.dataset, model.unet, secret_ids).pixels
-        ref_frame = frame
-        if params.heldout_dataset is not None:
-            held = images_for_unet(store, params.heldout_dataset, model.unet)
-            reference, ref_ids = held.pixels, held.sample_ids
-            ref_frame = _metadata_frame(store.read(
-                "samples", params.heldout_dataset,
-                columns=["sample_id", "key", "caption", "metadata"]).to_pylist())  # fmt: skip
-            summary.reference = (f"{len(ref_ids)} images of held-out dataset "
-                                 f"{params.heldout_dataset!r}")  # fmt: skip
-        else:
-            rng = np.random.default_rng(params.measure.seed)
-            pick = rng.choice(len(kept), size=min(len(kept), 1000), replace=False)
-            ref_ids = [kept[i] for i in sorted(pick)]
-            reference = kept_images.pixels[torch.as_tensor(sorted(pick))]
-            summary.reference = f"{len(ref_ids)} kept training images (no held-out dataset)"
+        reference, ref_cond, summary.reference = utility_reference(
+            store, params.heldout_dataset, model, frame, kept, kept_images.pixels,
+            params.measure.seed, what="kept training images",
+        )  # fmt: skip
         secret_cond = _captions(model, frame, secret_ids)
-        ref_cond = _captions(model, ref_frame, ref_ids)  # each reference image's own caption
         gate_dir = ws / "runs" / run_id / "gate"
         before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
                               params.measure, quote(secret_cond), quote(ref_cond),
