@@ -217,3 +217,27 @@ def test_importing_the_cli_does_not_import_prefect():
     code = "import sys, diffcurate.cli; print(sorted(m for m in sys.modules if m == 'prefect'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_eval_command_prints_one_row_per_scorer_and_mitigation(tmp_path, digit_files):
+    write_folder(digit_files, tmp_path / "src")  # 60 digits + 3 copies of digit 5
+    ws = tmp_path / "ws"
+    assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
+    res = invoke("train", "-d", "digits", "--arch", "tiny", "--steps", 5, "--batch-size", 8,
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000005"
+    res = invoke("eval", "-d", "digits", "-m", model, "--secrets", "dup-0,000000003",
+                 "--scorers", "random,loss", "--fraction", 0.05, "--generations", 8,
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    for scorer in ("original", "none", "random", "loss"):
+        assert any(line.strip("│ ").startswith(scorer) for line in lines), scorer
+    assert "Mem%" in res.output and "2 secrets, τ 0.08" in res.output
+    (run,) = Ledger(ws / "ledger.duckdb").runs(kind="eval")
+    assert run["status"] == "completed" and len(run["stats"]["rows"]) == 4
+    assert Ledger(ws / "ledger.duckdb").releases("digits") == []
+    res = invoke("eval", "-d", "digits", "-m", model, "--secrets", "dup-0",
+                 "--scorers", "no-such-scorer", "-w", ws)  # fmt: skip
+    assert res.exit_code == 2 and "signal" in res.output

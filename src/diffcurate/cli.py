@@ -690,6 +690,120 @@ def run_hygiene(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset the model saw.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
+    secrets: Annotated[
+        str,
+        typer.Option(
+            help="Secret/canary images whose memorization is measured: a JSON file (list, or "
+            "object with `planted_keys`) or comma-separated keys/ids."
+        ),
+    ],
+    scorers: Annotated[
+        str, typer.Option(help="Comma-separated risk scorers to compare (see `score`).")
+    ] = "divergence,loss,trace,random",
+    fraction: Annotated[
+        float, typer.Option(help="Budget: the top fraction of distinct images, for every scorer.")
+    ] = 0.01,
+    threshold: Annotated[
+        float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
+    ] = "exact",
+    mitigation: Annotated[
+        str, typer.Option(help="Comma-separated: finetune (surgical) and/or retrain.")
+    ] = "finetune",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 2e-6,
+    retrain_steps: Annotated[int, typer.Option(help="Steps when retraining.")] = 3000,
+    heldout_dataset: Annotated[
+        str | None, typer.Option(help="Ingested held-out real images for FD/KID and τ.")
+    ] = None,
+    generations: Annotated[int, typer.Option(help="Samples per model.")] = 256,
+    mem_tau: Annotated[
+        float | None, typer.Option(help="Fixed reconstruction threshold τ [default: 0.08].")
+    ] = None,
+    mem_calibrate_fpr: Annotated[
+        float | None,
+        typer.Option(help="Calibrate τ on the original model to this false-positive rate."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Compare risk scorers on your dataset, model and secrets: prune, mitigate, measure.
+
+    For each scorer: score the dataset (resumable), flag the same budget, mitigate, and measure
+    Mem% of the secrets (one τ for every model) and FD/KID. Controls: the original model, and
+    each mitigation on every sample (no pruning). Nothing is released; the table goes to the
+    ledger as an `eval` run. Cost: one scoring run per scorer plus one mitigation and one
+    measurement per scorer x mitigation.
+    """
+    settings = _settings(workspace)
+    try:
+        from diffcurate.curation.flag import FlagPolicy
+        from diffcurate.curation.measure import MeasureConfig
+        from diffcurate.flows.evaluate import EvalParams
+        from diffcurate.influence.registry import ScorerSpec
+        from diffcurate.metrics.memorization import MemorizationPolicy
+        from diffcurate.models.mitigate import MitigationConfig
+
+        if mem_tau is not None and mem_calibrate_fpr is not None:
+            raise ValueError("give either --mem-tau or --mem-calibrate-fpr, not both")
+        flag = (
+            FlagPolicy(mode="threshold", threshold=threshold)
+            if threshold is not None
+            else FlagPolicy(fraction=fraction)
+        )
+        params = EvalParams(
+            dataset=dataset, model=model, workspace=settings.workspace,
+            secrets=_secret_list(secrets),
+            scorers=[ScorerSpec(signal=s.strip(), seed=seed, device=device)
+                     for s in scorers.split(",") if s.strip()],
+            flag=flag, group_by=group_by,
+            mitigations=[MitigationConfig(method=m.strip(), epochs=epochs, lr=lr,
+                                          retrain_steps=retrain_steps, seed=seed, device=device)
+                         for m in mitigation.split(",") if m.strip()],
+            heldout_dataset=heldout_dataset,
+            measure=MeasureConfig(generations=generations, seed=seed, device=device,
+                                  memorization=MemorizationPolicy(threshold=mem_tau),
+                                  calibrate_fpr=mem_calibrate_fpr),
+        )  # fmt: skip
+    except (ValidationError, ValueError, OSError) as e:
+        raise _fail(str(e)) from e
+    from diffcurate.flows.evaluate import eval_flow
+    from diffcurate.models.diffusion import ModelLoadError
+
+    try:
+        summary = eval_flow(params)
+    except (FileNotFoundError, ModelLoadError, ValueError, KeyError) as e:
+        raise _fail(str(e)) from e
+    t = Table(title=f"eval {summary.run_id}: {len(summary.secrets)} secrets, τ "
+              f"{summary.mem_tau:.4g}; FD/KID reference: {summary.reference}")  # fmt: skip
+    t.add_column("scorer", no_wrap=True)
+    t.add_column("mitigation", no_wrap=True)
+    for name in ("removed images/samples", "secrets removed", "Mem%", "FD (vs none)", "KID",
+                 "score s"):  # fmt: skip
+        t.add_column(name, justify="right")
+    control = {r.mitigation: r for r in summary.rows if r.scorer == "none"}
+    for r in summary.rows:
+        base = control.get(r.mitigation)
+        rel = "" if base is None or r is base else f" ({100 * (r.fd - base.fd) / base.fd:+.1f}%)"
+        pruned = r.scorer not in ("none", "original")
+        t.add_row(r.scorer, r.mitigation,
+                  f"{r.flagged_images}/{r.removed_samples}" if pruned else "",
+                  f"{r.secrets_removed}/{len(summary.secrets)}" if pruned else "",
+                  f"{r.mem_percent:.1f}", f"{r.fd:.4g}{rel}", f"{r.kid:.4g}",
+                  f"{r.score_seconds:.1f}" if pruned else "")  # fmt: skip
+    out.print(t)
+    out.print("controls: 'original' = the model as given; 'none' = the mitigation on every "
+              "sample (no pruning): compare each scorer's row with the 'none' row of its "
+              "mitigation.")  # fmt: skip
+
+
 def _secret_list(value: str | None) -> list[str]:
     """Secrets from a JSON file (list or {"planted_keys": [...]}) or a comma-separated list."""
     if value is None:
