@@ -10,7 +10,7 @@ DEMO_STEPS ?= 2000
 DEMO_MODEL := workspace/models/digits-digits-8px/checkpoints/step-$(shell printf '%08d' $(DEMO_STEPS))
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo lint format clean
+.PHONY: setup test test-all demo bench-table1 bench-lds lint format clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,17 @@ demo: setup
 	$(DC) run --dataset digits --model $(DEMO_MODEL) --secrets $(DEMO_CORPUS)/planted.json \
 		--heldout-dataset digits-heldout --generations 1024 --mem-calibrate-fpr 0.05 \
 		--mitigation retrain --retrain-steps $(DEMO_STEPS) || test $$? -eq 1
+
+# The evaluation benchmarks (issue: evaluation harness), one command each; BENCH_ARGS passes
+# flags (e.g. BENCH_ARGS="--seeds 3" or "--device cuda"). table1 writes md/csv/png under
+# workspace/benchmarks/table1; lds prints its tables.
+BENCH_ARGS ?=
+bench-table1: setup
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) benchmarks/table1.py $(BENCH_ARGS)
+
+bench-lds: setup
+	$(PY) benchmarks/lds.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

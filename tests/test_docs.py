@@ -63,3 +63,10 @@ def test_make_targets_in_readme_exist():
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     for target in re.findall(r"^make ([a-z-]+)", README, flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def test_every_benchmark_script_is_in_the_benchmarks_readme():
+    bench = Path(__file__).parents[1] / "benchmarks"
+    table = (bench / "README.md").read_text()
+    for script in sorted(bench.glob("*.py")):
+        assert re.search(rf"^\| `{re.escape(script.name)}` \|", table, flags=re.M), script.name
