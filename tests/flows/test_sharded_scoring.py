@@ -8,6 +8,7 @@ single-process scoring.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -224,11 +225,29 @@ def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster, in_ev
     async def inside_a_running_loop():
         stale_run()  # a plain blocking call, made while this thread's loop runs
 
+    def in_a_thread_running_a_loop():
+        # A thread of its own (with this context's variables): this thread may already run a
+        # loop, e.g. the Playwright session of the dashboard tests, and asyncio.run refuses
+        # to start a second one.
+        raised: list[BaseException] = []
+
+        def target():
+            try:
+                asyncio.run(inside_a_running_loop())
+            except BaseException as e:
+                raised.append(e)
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
+        thread.start()
+        thread.join()
+        if raised:
+            raise raised[0]
+
     with (
         dask_task_runner(DaskOptions(address=lc.scheduler_address)) as runner,
         pytest.raises(ModelChangedError, match="changed since this scoring run started"),
     ):
-        asyncio.run(inside_a_running_loop()) if in_event_loop else stale_run()
+        in_a_thread_running_a_loop() if in_event_loop else stale_run()
     assert store.read("scores", where={"run_id": "score-stale"}).num_rows == 0
 
 
