@@ -289,7 +289,8 @@ def fill(row: Row, m, corpus: Table1Corpus) -> Row:
     return row
 
 
-def run_seed(args, seed: int, log) -> list[Row]:
+def run_seed(args, seed: int, log, rows: list[Row], flush) -> None:
+    """Append one seed's rows to ``rows``, calling ``flush()`` after each (partial results)."""
     torch.manual_seed(seed)
     corpus = build_table1_corpus(args, seed)
     reference = reference_model("digits-8px", seed=seed)
@@ -303,11 +304,12 @@ def run_seed(args, seed: int, log) -> list[Row]:
     fraction = args.budget or len(planted_distinct) / len(distinct)
     # No pruning: the reference itself (fine-tuning on everything at lr 2e-6 would leave it
     # as it is) and, as the retrain rows' control, the same retrain recipe on every sample.
-    rows = [fill(Row(seed, "none", "finetune"), before, corpus)]
+    rows.append(fill(Row(seed, "none", "finetune"), before, corpus))
     control = fresh_copy(reference, seed + 1)
     secs = train_recipe(control, corpus, corpus.keys, args, seed + 1)
     rows.append(fill(Row(seed, "none", "retrain", mitigate_seconds=secs),
                      measure(control, corpus, args, seed, tau=tau), corpus))  # fmt: skip
+    flush()
     log(f"seed {seed}: retrain control (no pruning) Mem% {rows[-1].mem:.1f}, "
         f"FD {rows[-1].fd:.3f}")  # fmt: skip
     for method in [m for m in args.methods if m != "none"]:
@@ -330,10 +332,10 @@ def run_seed(args, seed: int, log) -> list[Row]:
                       recall, score_seconds=score_s,
                       mitigate_seconds=time.perf_counter() - t1)  # fmt: skip
             rows.append(fill(row, measure(candidate, corpus, args, seed, tau=tau), corpus))
+            flush()
             log(f"seed {seed}: {method:>14} + {mitigation:<8} recall {recall:.2f}  Mem% "
                 f"{row.mem:5.1f}  FD {row.fd:.3f}  (score {score_s:.0f} s, mitigate "
                 f"{row.mitigate_seconds:.0f} s)")  # fmt: skip
-    return rows
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -390,6 +392,21 @@ def write_csv(rows: list[Row], path: Path) -> None:
                         *(f"{r.mem_by_kind[k]:.2f}" for k in ("exact", "near", "unique")),
                         f"{r.fd:.5f}", f"{r.kid:.5f}", f"{r.score_seconds:.2f}",
                         f"{r.mitigate_seconds:.2f}"])  # fmt: skip
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows written by :func:`write_csv`."""
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append(Row(
+                int(r["seed"]), r["method"], r["mitigation"], int(r["removed_images"]),
+                int(r["removed_samples"]), float(r["planted_recall"]), float(r["mem_percent"]),
+                {k: float(r[f"mem_{k}"]) for k in ("exact", "near", "unique")},
+                float(r["fd"]), float(r["kid"]), float(r["score_seconds"]),
+                float(r["mitigate_seconds"]),
+            ))  # fmt: skip
+    return rows
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -459,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--threads", type=int, default=torch.get_num_threads())
     add("--device", default="cpu", choices=["cpu", "cuda"])
     add("--out", default="workspace/benchmarks/table1", help="where table1.md/.csv/.png go")
+    add(
+        "--render",
+        nargs="+",
+        metavar="CSV",
+        help="train nothing: render the table, CSV and plot from these runs' table1.csv files",
+    )
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
@@ -482,9 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     started = time.perf_counter()
     rows: list[Row] = []
-    for seed in range(args.seeds):
-        rows += run_seed(args, seed, lambda s: print("  " + s, file=sys.stderr, flush=True))
-        write_csv(rows, out / "table1.csv")  # partial results survive an interrupted run
+    if args.render:  # a table from earlier runs' rows (e.g. methods split over processes)
+        seen = set()
+        for path in args.render:  # the same (seed, method, mitigation) twice: the first wins
+            for r in read_csv(Path(path)):
+                if (r.seed, r.method, r.mitigation) not in seen:
+                    seen.add((r.seed, r.method, r.mitigation))
+                    rows.append(r)
+        print(f"rows from: {', '.join(args.render)}")
+    for seed in range(0 if args.render else args.seeds):
+        run_seed(args, seed, lambda s: print("  " + s, file=sys.stderr, flush=True), rows,
+                 lambda: write_csv(rows, out / "table1.csv"))  # fmt: skip
+    seeds = len({r.seed for r in rows})
     c = build_table1_corpus(args, 0)
     n_distinct = len(c.distinct)
     n_planted = len([k for k in c.distinct if k in c.planted])
@@ -497,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{n_distinct} distinct images, {n_planted} of them planted; {len(c.secret_ids)} "
         f"secrets; {args.n_heldout} held-out digits",
         f"model: digits-8px DDPM, {args.steps} + {args.overtrain_steps} steps (batch "
-        f"{args.batch_size}, lr {args.lr:g}); {args.seeds} seed(s)",
+        f"{args.batch_size}, lr {args.lr:g}); {seeds} seed(s)",
         f"budget: {budget:.4f} of distinct images = {math.ceil(round(budget * n_distinct, 9))} "
         "per method (exact groups removed whole)",
         f"measure: {args.generations} generations x {args.inference_steps} DDIM steps; tau "
@@ -505,9 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         "every candidate; FD/KID on random-projection pixel features vs the held-out digits\n",
         table(rows, len(c.secret_ids)),
         "\nplanted found = share of the planted distinct images in the pruned set. Mem% SE: "
-        + ("over seeds" if args.seeds > 1 else "binomial over the secrets (one seed)")
+        + ("over seeds" if seeds > 1 else "binomial over the secrets (one seed)")
         + ". score s = the method's scoring time incl. dataset-level state (fit sets, factors, "
-        f"chains, sketches). Total wall time {time.perf_counter() - started:.0f} s.",
+        f"chains, sketches). Wall time of this process {time.perf_counter() - started:.0f} s.",
     ]
     print("\n".join(body), flush=True)
     (out / "table1.md").write_text("\n".join(header + body) + "\n")
