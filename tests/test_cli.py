@@ -177,9 +177,9 @@ def test_train_resumes_and_sample_writes_a_grid(tmp_path, digit_files):
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files):
-    import json
-
+def ingested_and_trained(tmp_path, digit_files):
+    """`diffcurate ingest` 60 digits + 3 copies of digit 5, then `train` a tiny model 5 steps;
+    returns the workspace and the model checkpoint."""
     write_folder(digit_files, tmp_path / "src")  # 60 digits + 3 copies of digit 5
     ws = tmp_path / "ws"
     assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
@@ -187,6 +187,13 @@ def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files)
                  "-w", ws)  # fmt: skip
     assert res.exit_code == 0, res.output
     model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000005"
+    return ws, model
+
+
+def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files):
+    import json
+
+    ws, model = ingested_and_trained(tmp_path, digit_files)
     (tmp_path / "secrets.json").write_text(json.dumps({"planted_keys": ["dup-0", "000000003"]}))
     res = invoke("run", "-d", "digits", "-m", model, "--secrets", tmp_path / "secrets.json",
                  "--generations", 8, "--max-mem", 100, "--audit-attribute", "stroke",
@@ -220,13 +227,7 @@ def test_importing_the_cli_does_not_import_prefect():
 
 
 def test_eval_command_prints_one_row_per_scorer_and_mitigation(tmp_path, digit_files):
-    write_folder(digit_files, tmp_path / "src")  # 60 digits + 3 copies of digit 5
-    ws = tmp_path / "ws"
-    assert invoke("ingest", tmp_path / "src", "-d", "digits", "-w", ws).exit_code == 0
-    res = invoke("train", "-d", "digits", "--arch", "tiny", "--steps", 5, "--batch-size", 8,
-                 "-w", ws)  # fmt: skip
-    assert res.exit_code == 0, res.output
-    model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000005"
+    ws, model = ingested_and_trained(tmp_path, digit_files)
     res = invoke("eval", "-d", "digits", "-m", model, "--secrets", "dup-0,000000003",
                  "--scorers", "random,loss", "--fraction", 0.05, "--generations", 8,
                  "-w", ws)  # fmt: skip

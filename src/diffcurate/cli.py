@@ -40,6 +40,18 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+# Options that `run` and `eval` share.
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
+]
+GroupByOpt = Annotated[
+    str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
+]
+EpochsOpt = Annotated[int, typer.Option(help="Fine-tune epochs.")]
+LrOpt = Annotated[float, typer.Option(help="Fine-tune learning rate.")]
+RetrainStepsOpt = Annotated[int, typer.Option(help="Steps when retraining.")]
+MitigationSeedOpt = Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")]
+
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
@@ -575,12 +587,8 @@ def run_hygiene(
     fraction: Annotated[
         float, typer.Option(help="Flag the top fraction of distinct images (0.01 = 1%).")
     ] = 0.01,
-    threshold: Annotated[
-        float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
-    ] = None,
-    group_by: Annotated[
-        str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
-    ] = "exact",
+    threshold: ThresholdOpt = None,
+    group_by: GroupByOpt = "exact",
     fairness_attribute: Annotated[
         str | None, typer.Option(help="Metadata key whose groups the fairness cap applies to.")
     ] = None,
@@ -598,9 +606,9 @@ def run_hygiene(
     mitigation: Annotated[
         str, typer.Option(help="finetune (surgical, lr 2e-6, 1 epoch) | retrain.")
     ] = "finetune",
-    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 1,
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 2e-6,
-    retrain_steps: Annotated[int, typer.Option(help="Steps when retraining.")] = 3000,
+    epochs: EpochsOpt = 1,
+    lr: LrOpt = 2e-6,
+    retrain_steps: RetrainStepsOpt = 3000,
     secrets: Annotated[
         str | None,
         typer.Option(
@@ -631,7 +639,7 @@ def run_hygiene(
     max_fd_increase: Annotated[
         float, typer.Option(help="Gate: max relative FD increase (0.10 = 10%).")
     ] = 0.10,
-    seed: Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")] = 0,
+    seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -707,18 +715,14 @@ def evaluate(
     fraction: Annotated[
         float, typer.Option(help="Budget: the top fraction of distinct images, for every scorer.")
     ] = 0.01,
-    threshold: Annotated[
-        float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
-    ] = None,
-    group_by: Annotated[
-        str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
-    ] = "exact",
+    threshold: ThresholdOpt = None,
+    group_by: GroupByOpt = "exact",
     mitigation: Annotated[
         str, typer.Option(help="Comma-separated: finetune (surgical) and/or retrain.")
     ] = "finetune",
-    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 1,
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 2e-6,
-    retrain_steps: Annotated[int, typer.Option(help="Steps when retraining.")] = 3000,
+    epochs: EpochsOpt = 1,
+    lr: LrOpt = 2e-6,
+    retrain_steps: RetrainStepsOpt = 3000,
     heldout_dataset: Annotated[
         str | None, typer.Option(help="Ingested held-out real images for FD/KID and τ.")
     ] = None,
@@ -730,7 +734,7 @@ def evaluate(
         float | None,
         typer.Option(help="Calibrate τ on the original model to this false-positive rate."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")] = 0,
+    seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     workspace: WorkspaceOpt = None,
 ) -> None:
