@@ -370,7 +370,7 @@ def table(rows: list[Row], n_secrets: int) -> str:
         lines.append(
             f"| {method} | {mitigation} | {'-' if method == 'none' else f'{recall:.2f}'} | "
             f"{mem:.1f} ± {mem_se:.1f} | {kinds} | "
-            f"{'-' if method == 'none' else f'{red:.0f}%'} | "
+            f"{'-' if method == 'none' or math.isnan(red) else f'{red:.0f}%'} | "
             f"{fd:.3f}{'' if math.isnan(fd_se) else f' ± {fd_se:.3f}'} | "
             f"{'-' if method == 'none' else f'{100 * (fd - fd0) / fd0:+.1f}%'} | "
             f"{np.mean([r.kid for r in rs]):.3f} | "
