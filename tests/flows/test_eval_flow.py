@@ -9,7 +9,7 @@ from diffcurate.curation.flag import FlagPolicy, select_removals
 from diffcurate.curation.groups import collapse_groups
 from diffcurate.curation.measure import MeasureConfig, measure_model
 from diffcurate.flows.evaluate import EvalParams, eval_flow
-from diffcurate.flows.hygiene import _group_of
+from diffcurate.flows.hygiene import duplicate_group_of
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.memorization import MemorizationPolicy
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
@@ -80,7 +80,7 @@ def test_each_scorer_removes_its_own_top_budget_of_distinct_images(evaluated):
     whole, and the secrets counted among the removed samples."""
     ws, _, _, summary, _ = evaluated
     store = LanceStore(str(ws / "lancedb"))
-    group_of = _group_of(store, "digits", "exact")
+    group_of = duplicate_group_of(store, "digits", "exact")
     by_key = dict(zip(*store.read("samples", "digits", columns=["key", "sample_id"])
                       .to_pydict().values(), strict=True))  # fmt: skip
     secret_ids = {by_key[k] for k in SECRETS}

@@ -28,13 +28,13 @@ from diffcurate.curation.flag import FlagPolicy
 from diffcurate.curation.groups import GroupBy
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement
 from diffcurate.flows.hygiene import (
-    _captions,
-    _group_of,
-    _metadata_frame,
-    _resolve_secrets,
+    caption_embeddings,
+    duplicate_group_of,
     flag_task,
     measure_task,
+    metadata_frame,
     mitigate_task,
+    resolve_secrets,
     utility_reference,
 )
 from diffcurate.flows.score import ScoreParams, score_flow
@@ -131,16 +131,16 @@ def eval_flow(params: EvalParams) -> EvalSummary:
     try:
         samples = store.read("samples", params.dataset,
                              columns=["sample_id", "key", "caption", "metadata"])  # fmt: skip
-        frame = _metadata_frame(samples.to_pylist())
+        frame = metadata_frame(samples.to_pylist())
         all_ids = list(frame["sample_id"])
         summary.n_samples = len(all_ids)
-        secret_ids, _ = _resolve_secrets(params.secrets, frame, [])
+        secret_ids, _ = resolve_secrets(params.secrets, frame, [])
         summary.secrets = secret_ids
         model = load_model(params.model)
         pixels = images_for_unet(store, params.dataset, model.unet, all_ids).pixels
         row_of = {sid: i for i, sid in enumerate(all_ids)}
         secrets = pixels[[row_of[s] for s in secret_ids]]
-        secret_cond = _captions(model, frame, secret_ids)
+        secret_cond = caption_embeddings(model, frame, secret_ids)
         reference, ref_cond, summary.reference = utility_reference(
             store, params.heldout_dataset, model, frame, all_ids, pixels, params.measure.seed
         )
@@ -160,7 +160,7 @@ def eval_flow(params: EvalParams) -> EvalSummary:
             for config in params.mitigations:
                 t0 = time.perf_counter()
                 candidate = mitigate_task(quote(model), quote(kept_pixels), config,
-                                          quote(_captions(model, frame, kept)),
+                                          quote(caption_embeddings(model, frame, kept)),
                                           params.progress)  # fmt: skip
                 seconds = time.perf_counter() - t0
                 row = _row(scorer, config.method, measure(candidate, tau),
@@ -170,7 +170,7 @@ def eval_flow(params: EvalParams) -> EvalSummary:
                          row.mem_percent, row.fd)  # fmt: skip
 
         candidates(NO_PRUNING, all_ids)
-        group_of = _group_of(store, params.dataset, params.group_by)
+        group_of = duplicate_group_of(store, params.dataset, params.group_by)
         for spec in params.scorers:
             t0 = time.perf_counter()
             scored = score_flow(

@@ -180,7 +180,7 @@ def measure_task(
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _metadata_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def metadata_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per sample: sample_id, key, caption and every top-level metadata field."""
     records = []
     for r in rows:
@@ -204,7 +204,8 @@ def auto_attributes(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-def _group_of(store: LanceStore, dataset: str, group_by: GroupBy) -> dict[str, str]:
+def duplicate_group_of(store: LanceStore, dataset: str, group_by: GroupBy) -> dict[str, str]:
+    """Sample id → its duplicate group (from ingest's ``duplicates`` table); absent = alone."""
     if group_by == "none" or not store.has_table("duplicates"):
         return {}
     column = "exact_group" if group_by == "exact" else "near_group"
@@ -213,7 +214,7 @@ def _group_of(store: LanceStore, dataset: str, group_by: GroupBy) -> dict[str, s
                     strict=True))  # fmt: skip
 
 
-def _resolve_secrets(
+def resolve_secrets(
     secrets: list[str], frame: pd.DataFrame, flagged_reps: list[str]
 ) -> tuple[list[str], str]:
     """Secret sample ids from keys or ids; default: the flagged images (one per group)."""
@@ -234,7 +235,10 @@ def _resolve_secrets(
     return list(dict.fromkeys(out)), "configured"
 
 
-def _captions(model: DiffusionModel, frame: pd.DataFrame, ids: list[str]) -> torch.Tensor | None:
+def caption_embeddings(
+    model: DiffusionModel, frame: pd.DataFrame, ids: list[str]
+) -> torch.Tensor | None:
+    """Caption embeddings of ``ids`` for a text-conditional model (None for unconditional)."""
     if not model.conditional:
         return None
     if model.text_encoder is None:
@@ -258,17 +262,17 @@ def utility_reference(
     caption embeddings (conditional models; each image's own caption) and a description."""
     if heldout_dataset is not None:
         held = images_for_unet(store, heldout_dataset, model.unet)
-        ref_frame = _metadata_frame(store.read(
+        ref_frame = metadata_frame(store.read(
             "samples", heldout_dataset,
             columns=["sample_id", "key", "caption", "metadata"]).to_pylist())  # fmt: skip
-        cond = _captions(model, ref_frame, held.sample_ids)
+        cond = caption_embeddings(model, ref_frame, held.sample_ids)
         described = f"{len(held.sample_ids)} images of held-out dataset {heldout_dataset!r}"
         return held.pixels, cond, described
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(len(ids), size=min(len(ids), 1000), replace=False))
     ref_ids = [ids[i] for i in pick]
     described = f"{len(ref_ids)} {what} (no held-out dataset)"
-    return pixels[torch.as_tensor(pick)], _captions(model, frame, ref_ids), described
+    return pixels[torch.as_tensor(pick)], caption_embeddings(model, frame, ref_ids), described
 
 
 def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
@@ -326,7 +330,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         values = scores.column("score").to_numpy()
         samples = store.read("samples", params.dataset,
                              columns=["sample_id", "key", "caption", "metadata"])  # fmt: skip
-        frame = _metadata_frame(samples.to_pylist())
+        frame = metadata_frame(samples.to_pylist())
         if set(ids) != set(frame["sample_id"]):
             raise ValueError(f"score run {summary.score_run} does not cover exactly the samples "
                              f"of {params.dataset!r}: re-score the dataset")  # fmt: skip
@@ -340,7 +344,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
                 raise ValueError(f"no metadata attribute {params.fairness_attribute!r}")
             fairness = dict(zip(frame["sample_id"], frame[params.fairness_attribute].astype(str),
                                 strict=True))  # fmt: skip
-        group_of = _group_of(store, params.dataset, params.group_by)
+        group_of = duplicate_group_of(store, params.dataset, params.group_by)
         flagged, removed = flag_task(quote(ids), quote(values), quote(group_of), quote(fairness),
                                      params.flag)  # fmt: skip
         removed_set = set(removed)
@@ -375,7 +379,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         kept_images = images_for_unet(store, params.dataset, model.unet, kept)
         candidate = mitigate_task(
             quote(model), quote(kept_images.pixels), params.mitigation,
-            quote(_captions(model, frame, kept)), params.progress,
+            quote(caption_embeddings(model, frame, kept)), params.progress,
         )  # fmt: skip
         out_dir = ws / "models" / f"{params.dataset}-hygiene-{run_id}"
         save_diffusion_model(candidate, out_dir)
@@ -386,7 +390,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         clock.lap("mitigate")
 
         # 5. Gate.
-        secret_ids, summary.secrets_source = _resolve_secrets(
+        secret_ids, summary.secrets_source = resolve_secrets(
             params.secrets, frame, flagged.flagged_ids
         )
         summary.secrets = secret_ids
@@ -397,7 +401,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             store, params.heldout_dataset, model, frame, kept, kept_images.pixels,
             params.measure.seed, what="kept training images",
         )  # fmt: skip
-        secret_cond = _captions(model, frame, secret_ids)
+        secret_cond = caption_embeddings(model, frame, secret_ids)
         gate_dir = ws / "runs" / run_id / "gate"
         before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
                               params.measure, quote(secret_cond), quote(ref_cond),
