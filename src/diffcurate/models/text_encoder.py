@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from diffcurate.models.errors import ModelLoadError
+from diffcurate.models.errors import ModelLoadError, one_line
 
 TEXT_ENCODER_CLASSES = frozenset({"CLIPTextModel"})
 
@@ -94,13 +94,24 @@ def _quiet_transformers() -> None:
 
 
 def load_text_encoder(
-    root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    root: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> TextEncoder:
     """Load ``text_encoder/`` and ``tokenizer/`` of a local pipeline directory.
 
+    Args:
+        root: The pipeline directory.
+        device: Where to put the text model.
+        dtype: Cast the text model to this dtype (None keeps the saved dtype).
+        variant: Weights variant (``"fp16"`` loads ``model.fp16.safetensors``); the caller
+            resolves it (:func:`diffcurate.models.diffusion.load_diffusion_model` applies one
+            rule to every component), None loads the plain weights.
+
     Raises:
         ModelLoadError: A folder is missing, the class is not a CLIP text model, or the files
-            do not load (the message names the path).
+            do not load or do not match ``config.json`` (the message names the path).
     """
     import json
 
@@ -129,9 +140,25 @@ def load_text_encoder(
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"cannot load the text encoder from {root}: {err}") from err
+    except Exception as err:  # missing vocab files raise OSError, TypeError, ValueError, ...
+        raise ModelLoadError(f"cannot load the tokenizer from {tok_dir}: {one_line(err)}") from err
+    try:
+        model, info = CLIPTextModel.from_pretrained(
+            enc_dir, local_files_only=True, dtype=dtype, variant=variant, output_loading_info=True
+        )
+    except Exception as err:  # corrupt files raise OSError, SafetensorError, ValueError, ...
+        raise ModelLoadError(
+            f"cannot load the text_encoder weights from {enc_dir} (corrupt, truncated or not "
+            f"matching config.json?): {one_line(err)}"
+        ) from err
+    # transformers only warns about these; a half-initialised encoder must not pass as trained.
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ModelLoadError(
+            f"text_encoder weights in {enc_dir} do not match config.json ({detail})"
+        )
     return TextEncoder(tokenizer=tokenizer, model=model.to(device).eval())
 
 
