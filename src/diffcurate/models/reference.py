@@ -1,4 +1,5 @@
-"""Named reference architectures: small diffusers ``UNet2DModel`` DDPMs we can train on CPUs.
+"""Named reference models: small diffusers DDPMs and a latent text-to-image pipeline we can train
+on CPUs.
 
 No weights can be downloaded at run time, so every experiment that needs a diffusion model
 (memorization benchmarks, scorer tests) trains one from scratch. These configs pin down *which*
@@ -11,12 +12,19 @@ network everywhere:
   digits duplicated 30× within about 3,000 steps on a 2-core CPU.
 * ``tiny``: about 11.6k parameters, the same block types at 4/8 channels, for tests that must
   train in seconds.
+* ``sd-tiny``: a Stable-Diffusion-layout pipeline (VAE, CLIP text encoder, cross-attention
+  ``UNet2DConditionModel``) for RGB 32×32 images; see :mod:`diffcurate.models.sd_tiny`.
+
+The pixel-space ones are :class:`UNetArchitecture` configs (:data:`REFERENCE_ARCHITECTURES`);
+pipelines have their own builders (:data:`REFERENCE_PIPELINES`), imported only when asked for
+because they need ``transformers``.
 
 Schedulers are DDPM with the original paper's linear betas (1e-4 → 0.02 over 1,000 steps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -155,19 +163,46 @@ def reference_architecture(name: str) -> UNetArchitecture:
         raise KeyError(f"unknown reference architecture {name!r}; known: {known}") from None
 
 
+def _sd_tiny(seed: int, scheduler: SchedulerConfig | None) -> DiffusionModel:
+    from diffcurate.models.sd_tiny import build_sd_tiny  # imports transformers: only on demand
+
+    return build_sd_tiny(seed, scheduler)
+
+
+REFERENCE_PIPELINES: dict[str, Callable[[int, SchedulerConfig | None], DiffusionModel]] = {
+    "sd-tiny": _sd_tiny
+}
+"""Builders of the reference pipelines, by name: ``(seed, scheduler) -> DiffusionModel``."""
+
+
+def reference_names() -> list[str]:
+    """Every name :func:`reference_model` accepts, sorted."""
+    return sorted([*REFERENCE_ARCHITECTURES, *REFERENCE_PIPELINES])
+
+
 def reference_model(
     name: str, seed: int = 0, scheduler: SchedulerConfig | None = None
 ) -> DiffusionModel:
-    """A freshly initialised reference model with its DDPM scheduler (no VAE, unconditional).
+    """A freshly initialised reference model with its DDPM scheduler.
 
     Args:
-        name: A key of :data:`REFERENCE_ARCHITECTURES`.
+        name: ``digits-8px`` or ``tiny`` (pixel-space, unconditional, no VAE) or ``sd-tiny``
+            (latent text-to-image: VAE, text encoder, conditional UNet); see
+            :func:`reference_names`.
         seed: Initialisation seed.
         scheduler: Noise schedule; the DDPM default (linear betas, ε prediction) if None.
 
     Returns:
         A :class:`~diffcurate.models.diffusion.DiffusionModel` with ``path=None`` (not saved).
+
+    Raises:
+        KeyError: Unknown name (the message lists the known ones).
     """
+    if name in REFERENCE_PIPELINES:
+        return REFERENCE_PIPELINES[name](seed, scheduler)
+    if name not in REFERENCE_ARCHITECTURES:
+        known = ", ".join(reference_names())
+        raise KeyError(f"unknown reference model {name!r}; known: {known}")
     unet = reference_architecture(name).build(seed)
     sched = (scheduler or SchedulerConfig()).build()
     return DiffusionModel(unet=unet, scheduler=sched, vae=None, path=None)
