@@ -2,10 +2,20 @@
 
 import numpy as np
 import pytest
+from scipy.ndimage import uniform_filter
 from sklearn.datasets import load_digits
 
-from diffcurate.metrics.mem_calibration import calibrate_threshold, closest_values
-from diffcurate.metrics.memorization import MemorizationPolicy, mem_percent, tiled_l2_distances
+from diffcurate.metrics.mem_calibration import (
+    calibrate_threshold,
+    closest_values,
+    false_positives,
+)
+from diffcurate.metrics.memorization import (
+    MemorizationPolicy,
+    mem_percent,
+    relative_distances,
+    tiled_l2_distances,
+)
 
 TILED = MemorizationPolicy()
 COSINE = MemorizationPolicy(metric="clip_cosine")
@@ -86,3 +96,53 @@ def test_refusals(digits):
         calibrate_threshold(digits[:10], digits[10:60], TILED, 0.0)
     with pytest.raises(ValueError, match="fpr"):
         calibrate_threshold(digits[:10], digits[10:60], TILED, 0.6)
+
+
+RELATIVE = MemorizationPolicy(metric="relative_tiled_l2")
+
+
+def test_relative_closest_values_are_column_minima_of_the_ratio_matrix(digits):
+    gens, images, train = digits[:40], digits[1000:1030], digits[:400]
+    np.testing.assert_array_equal(
+        closest_values(gens, images, RELATIVE, neighbours=train),
+        relative_distances(gens, images, train, RELATIVE).min(axis=0),
+    )
+    # Stand-in training images exclude their own rows from S; owners restrict as before.
+    stand_in = digits[200:203]
+    own = [[200], [201], [202]]
+    owners = [0, 1, 2, 0, 1, 2]
+    got = closest_values(digits[50:56], stand_in, RELATIVE, owners, neighbours=train, exclude=own)
+    full = relative_distances(digits[50:56], stand_in, train, RELATIVE, own)
+    np.testing.assert_allclose(got, [min(full[0, 0], full[3, 0]), min(full[1, 1], full[4, 1]),
+                                     min(full[2, 2], full[5, 2])])  # fmt: skip
+
+
+@pytest.mark.parametrize("fpr", [0.02, 0.1])
+def test_relative_delta_calibrates_on_heldout_and_catches_blurred_copies(digits, fpr):
+    """A model that emits training digits and floor-blurred copies of 7 secrets: delta calibrated
+    on 300 held-out digits admits floor(fpr * 300) of them and still catches every secret,
+    which the fixed absolute tau = 0.08 misses."""
+    rng = np.random.default_rng(2)
+    train = digits[:1000]
+    secrets = train[1:8]  # their floor-blurred copies lie 0.085-0.12 from them
+    own = [[i] for i in range(1, 8)]
+    box = uniform_filter(secrets, (0, 3, 3, 0), mode="nearest")
+    blurred = np.clip(0.6 * secrets + 0.4 * box, 0, 1)
+    jitter = rng.normal(scale=1e-3, size=(250, 8, 8, 1))  # break digit ties for the exact count
+    gens = np.concatenate([np.clip(train[300:550] + jitter, 0, 1), blurred])
+    held = digits[1200:1500]
+    cal = calibrate_threshold(gens, held, RELATIVE, fpr, neighbours=train)
+    closest = closest_values(gens, held, RELATIVE, neighbours=train)
+    assert false_positives(closest, RELATIVE, cal.tau) == int(np.floor(fpr * 300 + 1e-9))
+    assert cal.observed_fpr == pytest.approx(false_positives(closest, RELATIVE, cal.tau) / 300)
+    mem = mem_percent(gens, secrets, policy=RELATIVE.model_copy(update={"threshold": cal.tau}),
+                      neighbours=train, exclude=own)  # fmt: skip
+    assert mem.mem_percent == 100.0
+    assert mem_percent(gens, secrets, policy=TILED).mem_percent == 0.0
+
+
+def test_false_positives_counts_strictly_beyond_tau():
+    closest = np.array([0.1, 0.2, 0.2, 0.5])
+    assert false_positives(closest, TILED, 0.2) == 1
+    assert false_positives(closest, TILED, 0.21) == 3
+    assert false_positives(closest, COSINE, 0.2) == 1

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from diffcurate.influence.objective import keyed_generator
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.reference import SchedulerConfig, reference_architecture, reference_model
 from diffcurate.models.sample import decode_latents, generate, save_grid
@@ -51,6 +53,79 @@ def test_conditional_generation_uses_conditioning():
 
 def model_sched():
     return SchedulerConfig().build()
+
+
+@pytest.fixture(scope="module")
+def cond_model() -> DiffusionModel:
+    return DiffusionModel(unet=tiny_cond_unet(seed=1), scheduler=model_sched())  # float64
+
+
+def guided_by_hand(
+    model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, g: float, steps: int, seed: int
+) -> torch.Tensor:
+    """The guided DDIM loop written out: one image at a time, two separate UNet calls."""
+    out = []
+    for i in range(len(cond)):
+        sched = DDIMScheduler.from_config(model.scheduler.config)
+        sched.set_timesteps(steps)
+        x = torch.randn(model.sample_shape, generator=keyed_generator(seed, i, "sample", 0))
+        x = x.double()[None]
+        for t in sched.timesteps:
+            eps_u = model.unet(x, t, encoder_hidden_states=uncond).sample
+            eps_c = model.unet(x, t, encoder_hidden_states=cond[i : i + 1]).sample
+            x = sched.step(eps_u + g * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+        out.append(x.float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def test_guided_generation_equals_the_hand_written_guided_loop(cond_model):
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randn(3, 3, 6, generator=gen, dtype=torch.float64)
+    uncond = torch.zeros(1, 3, 6, dtype=torch.float64)
+    got = generate(cond_model, 3, seed=5, num_inference_steps=6, conditioning=cond,
+                   guidance_scale=4.0, unconditional=uncond, batch_size=2)  # fmt: skip
+    want = guided_by_hand(cond_model, cond, uncond, 4.0, steps=6, seed=5)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    plain = generate(cond_model, 3, seed=5, num_inference_steps=6, conditioning=cond)
+    assert (got - plain).abs().max() > 1e-2  # guidance changes the images
+    # Per-image unconditional rows [n, seq, dim] equal to the shared row give the same images.
+    rows = generate(cond_model, 3, seed=5, num_inference_steps=6, conditioning=cond,
+                    guidance_scale=4.0, unconditional=uncond.expand(3, -1, -1).clone())  # fmt: skip
+    assert torch.allclose(rows, got, atol=1e-6)
+
+
+def test_guidance_one_is_the_unguided_path_and_zero_the_unconditional_one(cond_model):
+    gen = torch.Generator().manual_seed(1)
+    cond = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)
+    uncond = torch.randn(1, 3, 6, generator=gen, dtype=torch.float64)
+    plain = generate(cond_model, 2, seed=2, num_inference_steps=5, conditioning=cond)
+    one = generate(cond_model, 2, seed=2, num_inference_steps=5, conditioning=cond,
+                   guidance_scale=1.0, unconditional=uncond)  # fmt: skip
+    assert torch.equal(one, plain)
+    zero = generate(cond_model, 2, seed=2, num_inference_steps=5, conditioning=cond,
+                    guidance_scale=0.0, unconditional=uncond)  # fmt: skip
+    only_uncond = generate(cond_model, 2, seed=2, num_inference_steps=5,
+                           conditioning=uncond.expand(2, -1, -1))  # fmt: skip
+    assert torch.allclose(zero, only_uncond, atol=1e-6)
+
+
+def test_guidance_refusals(cond_model, model):
+    cond = torch.zeros(2, 3, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs `unconditional`"):
+        generate(cond_model, 2, conditioning=cond, guidance_scale=7.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match="needs a text-conditional model"):
+        generate(model, 2, guidance_scale=7.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match="needs a text-conditional model"):
+        generate(model, 2, unconditional=cond[:1], num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"\[1, seq, dim\] or \[2, seq, dim\]"):
+        generate(cond_model, 2, conditioning=cond, guidance_scale=2.0,
+                 unconditional=torch.zeros(3, 3, 6), num_inference_steps=2)  # fmt: skip
+    with pytest.raises(ValueError, match="differ from"):
+        generate(cond_model, 2, conditioning=cond, guidance_scale=2.0,
+                 unconditional=torch.zeros(1, 4, 6), num_inference_steps=2)  # fmt: skip
+    with pytest.raises(ValueError, match="guidance_scale must be"):
+        generate(cond_model, 2, conditioning=cond, guidance_scale=-1.0,
+                 unconditional=cond[:1], num_inference_steps=2)  # fmt: skip
 
 
 def test_latent_model_decodes_with_the_vae():

@@ -5,17 +5,36 @@ secret as *reconstructed* when some generation lies within τ of it
 (:mod:`diffcurate.metrics.memorization`). Unconditional models are sampled ``generations``
 times and every generation is compared with every secret; text-conditional models are prompted
 with each secret's own caption ``generations_per_secret`` times, and a generation only counts
-for the secret it was prompted with.
+for the secret it was prompted with. Secrets must be distinct (one id, one caption each): a
+secret duplicated in the training set is measured once, not once per copy.
+
+Text-conditional models are sampled with classifier-free guidance (``guidance_scale``, 7.5 by
+default as in Stable Diffusion; needs the empty caption's states, ``unconditional``), because
+that is how they are used and a caption-prompted model may reproduce a training image only under
+guidance. Pixel-space unconditional models ignore the scale.
+
+Which rule (``MeasureConfig.memorization``), a choice the caller makes:
+
+* pixel-space models at the scale of the bundled 8×8 digits: ``tiled_l2`` with τ = 0.08 (the
+  global default) or a τ calibrated on held-out images;
+* latent text-to-image models (VAE decoder): ``relative_tiled_l2`` with ``neighbours`` = the
+  training images and, per secret, its copies among them excluded. A VAE's reconstruction floor
+  (closest generation to a reproduced secret 0.09-0.125 tiled L2 on a small latent pipeline)
+  lies above a τ tuned on digits, so an absolute rule reads 0 there; the relative distance
+  divides by the generation's distance to its nearest training images, which the floor lifts
+  too. δ is 0.8 by default, better calibrated on held-out images (``calibrate_fpr``).
 
 Utility: Fréchet distance and KID between features of generations and of real reference images
 (:mod:`diffcurate.metrics.utility`). Both models of a gate are sampled from the same keyed
 initial noises (``seed``), so before/after differences come from the weights, not the draws.
 
-τ is either fixed (``memorization.threshold`` or the metric's default) or, with
+τ is either fixed (``memorization.threshold`` or the metric's default), given (``tau``) or, with
 ``calibrate_fpr``, calibrated on the measured model's own generations so that at most that
 share of calibration images (held-out real images where available) would count as
 reconstructed (:mod:`diffcurate.metrics.mem_calibration`; seed 000's rule). The gate calibrates
-on the model before mitigation and passes that τ to the candidate's measurement.
+on the model before mitigation and passes that τ to the candidate's measurement. Whenever
+calibration images are given, the result reports the share of them that the rule in force
+counts as reconstructed (``heldout_fpr``): how far to trust a Mem% from a fixed or given τ.
 """
 
 from __future__ import annotations
@@ -26,8 +45,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffcurate.metrics.mem_calibration import Calibration, calibrate_threshold
-from diffcurate.metrics.memorization import MemorizationPolicy, MemResult, mem_percent
+from diffcurate.metrics.mem_calibration import (
+    Calibration,
+    closest_values,
+    false_positives,
+    threshold_at_fpr,
+)
+from diffcurate.metrics.memorization import Exclusion, MemorizationPolicy, MemResult, mem_percent
 from diffcurate.metrics.utility import (
     KIDResult,
     PixelFeatureConfig,
@@ -46,6 +70,8 @@ class MeasureConfig(BaseModel):
         generations: Unconditional samples per model (also the utility sample size).
         generations_per_secret: Conditional models: samples per secret caption.
         inference_steps: DDIM steps per sample.
+        guidance_scale: Conditional models: classifier-free guidance scale (1 = none); ignored
+            for unconditional models.
         seed: Keyed initial noises (identical for the before and after models).
         memorization: Reconstruction metric and threshold τ.
         calibrate_fpr: If set, τ is calibrated to this false-positive rate on calibration
@@ -62,6 +88,7 @@ class MeasureConfig(BaseModel):
     generations: int = Field(256, ge=2)
     generations_per_secret: int = Field(8, ge=1)
     inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
     memorization: MemorizationPolicy = Field(default_factory=MemorizationPolicy)
     calibrate_fpr: float | None = Field(None, gt=0.0, le=0.5)
@@ -73,7 +100,20 @@ class MeasureConfig(BaseModel):
 
 
 class ModelMeasurement(BaseModel):
-    """Mem%, FD and KID of one model."""
+    """Mem%, FD and KID of one model.
+
+    Attributes:
+        mem: Mem% and per-secret details under the rule in force.
+        fd: Fréchet distance of the utility generations to the reference images.
+        kid: KID, likewise.
+        n_generated: Utility generations.
+        n_reference: Reference images.
+        calibration: How τ was calibrated (None: fixed or given).
+        guidance_scale: Guidance the conditional generations used (None: unconditional model).
+        heldout_images: Calibration images judged (None: none given).
+        heldout_false_positives: How many of them the rule in force counts as reconstructed.
+        heldout_fpr: ``heldout_false_positives / heldout_images``.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -83,6 +123,10 @@ class ModelMeasurement(BaseModel):
     n_generated: int
     n_reference: int
     calibration: Calibration | None = None
+    guidance_scale: float | None = None
+    heldout_images: int | None = None
+    heldout_false_positives: int | None = None
+    heldout_fpr: float | None = None
 
 
 def to_unit(images: torch.Tensor) -> np.ndarray:
@@ -103,13 +147,17 @@ def measure_model(
     tau: float | None = None,
     calibration_images: torch.Tensor | None = None,
     calibration_conditioning: torch.Tensor | None = None,
+    unconditional: torch.Tensor | None = None,
+    neighbours: torch.Tensor | None = None,
+    neighbour_copies: Exclusion | None = None,
+    calibration_copies: Exclusion | None = None,
 ) -> ModelMeasurement:
     """Sample ``model`` and measure memorization of ``secrets`` and utility vs ``reference``.
 
     Args:
         model: The model to measure.
-        secrets: ``[S, C, H, W]`` secret/canary images in [-1, 1].
-        secret_ids: One id per secret.
+        secrets: ``[S, C, H, W]`` distinct secret/canary images in [-1, 1].
+        secret_ids: One unique id per secret.
         reference: ``[R, C, H, W]`` real images in [-1, 1] for FD/KID.
         config: Sampling and metric settings.
         secret_conditioning: Conditional models: caption embeddings ``[S, seq, dim]``.
@@ -119,35 +167,70 @@ def measure_model(
             ``<secret_id>.png`` (for reviewers: the near-copy beside its training image).
         tau: Use this τ (e.g. one calibrated on the model before mitigation); overrides both
             ``memorization.threshold`` and ``calibrate_fpr``.
-        calibration_images: ``[n, C, H, W]`` in [-1, 1]: required when ``calibrate_fpr`` is set
-            and ``tau`` is not (the first ``calibration_size`` are used).
+        calibration_images: ``[n, C, H, W]`` in [-1, 1] (the first ``calibration_size`` are
+            used): held-out images, or kept training images standing in. Required when
+            ``calibrate_fpr`` is set and ``tau`` is not; whenever given, the held-out
+            false-positive rate of the rule in force is reported.
         calibration_conditioning: Conditional models: their caption embeddings; each image is
             then generated for ``generations_per_secret`` times from its own caption.
+        unconditional: Conditional models: the empty caption's states ``[1, seq, dim]``, for
+            classifier-free guidance (required unless ``guidance_scale`` is 1).
+        neighbours: Relative metrics: training images ``[N, C, H, W]`` in [-1, 1].
+        neighbour_copies: Relative metrics: per secret, the ``neighbours`` rows that are its
+            copies (left out of its S), as a bool mask ``[S, N]`` or index collections.
+        calibration_copies: Likewise per calibration image (stand-in training images; None
+            for held-out images).
+
+    Raises:
+        ValueError: Duplicate secret ids, missing caption embeddings, guidance without
+            ``unconditional``, a relative metric without ``neighbours``, or calibration asked
+            for without calibration images.
     """
     config = config or MeasureConfig()
-    steps, dev = config.inference_steps, config.device
+    if len(set(secret_ids)) != len(secret_ids):
+        dup = sorted({s for s in secret_ids if secret_ids.count(s) > 1})
+        raise ValueError(f"duplicate secret ids {dup[:5]}: pass each secret once (a secret "
+                         "duplicated in the training set is still one secret)")  # fmt: skip
+    if len(secret_ids) != len(secrets):
+        raise ValueError(f"{len(secret_ids)} secret ids for {len(secrets)} secrets")
+    policy = config.memorization
+    if policy.relative and neighbours is None:
+        raise ValueError(f"{policy.metric} needs `neighbours` (the training images)")
+    guidance = None
     if model.conditional:
         if secret_conditioning is None or reference_conditioning is None:
             raise ValueError("a text-conditional model is measured from caption embeddings")
+        guidance = config.guidance_scale
+        if guidance != 1.0 and unconditional is None:
+            raise ValueError(f"guidance_scale {guidance:g} needs `unconditional` (the empty "
+                             "caption's encoder states); pass it, or set guidance_scale=1 to "
+                             "sample without guidance")  # fmt: skip
         k = config.generations_per_secret
-        cond = secret_conditioning.repeat_interleave(k, dim=0)
-        mem_gens = generate(model, len(cond), seed=config.seed, num_inference_steps=steps,
-                            conditioning=cond, device=dev)  # fmt: skip
+        mem_gens = _sample(model, config, secret_conditioning.repeat_interleave(k, dim=0),
+                           config.seed, unconditional)  # fmt: skip
         generated_for = [sid for sid in secret_ids for _ in range(k)]
         idx = torch.arange(config.generations) % len(reference_conditioning)
-        util_gens = generate(model, config.generations, seed=config.seed + 1,
-                             num_inference_steps=steps, conditioning=reference_conditioning[idx],
-                             device=dev)  # fmt: skip
+        util_gens = _sample(model, config, reference_conditioning[idx], config.seed + 1,
+                            unconditional)  # fmt: skip
     else:
         util_gens = generate(model, config.generations, seed=config.seed,
-                             num_inference_steps=steps, device=dev)  # fmt: skip
+                             num_inference_steps=config.inference_steps,
+                             device=config.device)  # fmt: skip
         mem_gens, generated_for = util_gens, None
-    policy, calibration = config.memorization, None
+    near = None if neighbours is None else to_unit(neighbours)
+
+    closest, calibration, n_cal_gens = None, None, 0
+    if calibration_images is not None and len(calibration_images):
+        closest, n_cal_gens = _calibration_closest(
+            model, config, mem_gens, calibration_images, calibration_conditioning,
+            unconditional, near, calibration_copies,
+        )  # fmt: skip
     if tau is not None:
         policy = policy.model_copy(update={"threshold": tau})
     elif config.calibrate_fpr is not None:
-        calibration = _calibrate(model, config, mem_gens, calibration_images,
-                                 calibration_conditioning)  # fmt: skip
+        if closest is None:
+            raise ValueError("calibrate_fpr needs calibration images (held-out or kept images)")
+        calibration = threshold_at_fpr(closest, policy, config.calibrate_fpr, n_cal_gens)
         policy = policy.model_copy(update={"threshold": calibration.tau})
     mem = mem_percent(
         to_unit(mem_gens),
@@ -155,6 +238,8 @@ def measure_model(
         policy=policy,
         secret_ids=secret_ids,
         generated_for=generated_for,
+        neighbours=near if policy.relative else None,
+        exclude=neighbour_copies if policy.relative else None,
     )
     if save_closest_to is not None:
         save_closest(mem_gens, mem, save_closest_to)
@@ -164,6 +249,11 @@ def measure_model(
         fake, real, subsets=config.kid_subsets, subset_size=config.kid_subset_size,
         seed=config.seed,
     )  # fmt: skip
+    heldout = {}
+    if closest is not None:
+        count = false_positives(closest, policy, policy.tau)
+        heldout = {"heldout_images": len(closest), "heldout_false_positives": count,
+                   "heldout_fpr": count / len(closest)}  # fmt: skip
     return ModelMeasurement(
         mem=mem,
         fd=frechet_distance(fake, real),
@@ -171,20 +261,40 @@ def measure_model(
         n_generated=len(util_gens),
         n_reference=len(reference),
         calibration=calibration,
+        guidance_scale=guidance,
+        **heldout,
     )
 
 
-def _calibrate(
+def _sample(
+    model: DiffusionModel,
+    config: MeasureConfig,
+    conditioning: torch.Tensor,
+    seed: int,
+    unconditional: torch.Tensor | None,
+) -> torch.Tensor:
+    """Caption-prompted generations, guided at ``config.guidance_scale``."""
+    return generate(model, len(conditioning), seed=seed,
+                    num_inference_steps=config.inference_steps, conditioning=conditioning,
+                    guidance_scale=config.guidance_scale, unconditional=unconditional,
+                    device=config.device)  # fmt: skip
+
+
+def _calibration_closest(
     model: DiffusionModel,
     config: MeasureConfig,
     mem_gens: torch.Tensor,
-    images: torch.Tensor | None,
+    images: torch.Tensor,
     conditioning: torch.Tensor | None,
-) -> Calibration:
-    """τ at ``config.calibrate_fpr`` from the model's generations vs calibration images."""
-    if images is None or len(images) == 0:
-        raise ValueError("calibrate_fpr needs calibration images (held-out or kept images)")
+    unconditional: torch.Tensor | None,
+    neighbours: np.ndarray | None,
+    copies: Exclusion | None,
+) -> tuple[np.ndarray, int]:
+    """Each calibration image's closest generation under the configured metric, and how many
+    generations it was judged against (unconditional: the secrets' generations; conditional:
+    ``generations_per_secret`` from its own caption)."""
     images = images[: config.calibration_size]
+    copies = None if copies is None else copies[: len(images)]
     owners = None
     gens = mem_gens  # unconditional: the same generations the secrets are compared with
     if model.conditional:
@@ -192,12 +302,13 @@ def _calibrate(
             raise ValueError("a text-conditional model is calibrated from caption embeddings")
         k = config.generations_per_secret
         cond = conditioning[: len(images)].repeat_interleave(k, dim=0)
-        gens = generate(model, len(cond), seed=config.seed + 2,
-                        num_inference_steps=config.inference_steps, conditioning=cond,
-                        device=config.device)  # fmt: skip
+        gens = _sample(model, config, cond, config.seed + 2, unconditional)
         owners = np.repeat(np.arange(len(images)), k).tolist()
-    return calibrate_threshold(to_unit(gens), to_unit(images), config.memorization,
-                               config.calibrate_fpr, owners)  # fmt: skip
+    policy = config.memorization
+    closest = closest_values(to_unit(gens), to_unit(images), policy, owners,
+                             neighbours if policy.relative else None,
+                             copies if policy.relative else None)  # fmt: skip
+    return closest, len(gens)
 
 
 def save_closest(generations: torch.Tensor, mem: MemResult, out_dir: Path) -> None:

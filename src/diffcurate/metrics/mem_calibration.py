@@ -21,6 +21,14 @@ With n calibration images the smallest meaningful rate is 1/n, so ``fpr × n ≥
 (the seed's 0.1% needs ≥ 1,000 images). When no held-out images exist, kept training images
 can stand in; they are members, so their closest generations are closer than a true
 non-member's and τ comes out stricter (fewer secrets count as reconstructed).
+
+Relative metrics (``relative_tiled_l2``, ``relative_l2``) calibrate δ the same way: a calibration
+image's value is its ratio to its own closest generation, l(x̂, h; S_x̂), with S_x̂ drawn from the
+training images (``neighbours``). Held-out images have no copies among them; stand-in training
+images must name their own copies in ``exclude``, as secrets do.
+
+:func:`false_positives` reports, for any τ (fixed, given or calibrated), how many calibration
+images count as reconstructed: the held-out false-positive rate of the rule in force.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict
 
-from diffcurate.metrics.memorization import MemorizationPolicy, pairwise_closeness
+from diffcurate.metrics.memorization import Exclusion, MemorizationPolicy, pairwise_closeness
 
 
 class Calibration(BaseModel):
@@ -62,6 +70,8 @@ def closest_values(
     images: ArrayLike,
     policy: MemorizationPolicy,
     generated_for: Sequence[int] | None = None,
+    neighbours: ArrayLike | None = None,
+    exclude: Exclusion | None = None,
 ) -> np.ndarray:
     """Each image's closest generation under ``policy`` (min distance or max similarity).
 
@@ -71,8 +81,11 @@ def closest_values(
         policy: Closeness measure.
         generated_for: Conditional models: the calibration-image index each generation was
             prompted for; a generation then only counts for its own image.
+        neighbours: Relative metrics: training images (pixels in [0, 1]) S is drawn from.
+        exclude: Relative metrics: per calibration image, the neighbour rows that are its
+            copies (stand-in training images; None for held-out images).
     """
-    scores = pairwise_closeness(generated, images, policy)
+    scores = pairwise_closeness(generated, images, policy, neighbours, exclude)
     if generated_for is not None:
         owner = np.asarray(generated_for)
         if owner.shape != (scores.shape[0],):
@@ -92,15 +105,31 @@ def calibrate_threshold(
     policy: MemorizationPolicy,
     fpr: float,
     generated_for: Sequence[int] | None = None,
+    neighbours: ArrayLike | None = None,
+    exclude: Exclusion | None = None,
 ) -> Calibration:
     """τ such that at most ``fpr`` of ``images`` count as reconstructed by ``generated``.
+
+    Arguments as for :func:`closest_values`; see :func:`threshold_at_fpr` for the rule.
 
     Raises:
         ValueError: ``fpr`` outside (0, 0.5], or fewer than 1/``fpr`` calibration images.
     """
+    closest = closest_values(generated, images, policy, generated_for, neighbours, exclude)
+    return threshold_at_fpr(closest, policy, fpr, n_generated=len(np.asarray(generated)))
+
+
+def threshold_at_fpr(
+    closest: np.ndarray, policy: MemorizationPolicy, fpr: float, n_generated: int
+) -> Calibration:
+    """τ from calibration images' closest values (:func:`closest_values`): the (m+1)-th closest,
+    ``m = floor(fpr × n)``, so that at most ``fpr`` of them lie strictly beyond it.
+
+    Raises:
+        ValueError: ``fpr`` outside (0, 0.5], or fewer than 1/``fpr`` values.
+    """
     if not 0.0 < fpr <= 0.5:
         raise ValueError(f"fpr must be in (0, 0.5], got {fpr}")
-    closest = closest_values(generated, images, policy, generated_for)
     n = len(closest)
     if n * fpr < 1.0 - 1e-9:
         raise ValueError(f"calibrating to a false-positive rate of {fpr:g} needs at least "
@@ -108,12 +137,17 @@ def calibrate_threshold(
     m = math.floor(n * fpr + 1e-9)
     ordered = np.sort(closest)[::-1] if policy.higher_is_closer else np.sort(closest)
     tau = float(ordered[m])
-    beyond = closest > tau if policy.higher_is_closer else closest < tau
     return Calibration(
         tau=tau,
         fpr=fpr,
-        observed_fpr=float(beyond.mean()),
+        observed_fpr=false_positives(closest, policy, tau) / n,
         n_images=n,
-        n_generated=len(np.asarray(generated)),
+        n_generated=n_generated,
         metric=policy.metric,
     )
+
+
+def false_positives(closest: np.ndarray, policy: MemorizationPolicy, tau: float) -> int:
+    """How many calibration images count as reconstructed at ``tau`` (strictly beyond it)."""
+    values = np.asarray(closest)
+    return int((values > tau).sum() if policy.higher_is_closer else (values < tau).sum())

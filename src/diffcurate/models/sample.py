@@ -7,6 +7,14 @@ batched kernels, ~1e-5), so "the first 100 samples of seed 0" is a stable set fo
 gates and reports. A repeated call with the same arguments is bitwise identical. Generators live
 on the CPU, so CPU and CUDA start from identical noise.
 
+Classifier-free guidance (Ho & Salimans 2022), as diffusers' ``StableDiffusionPipeline`` does
+it: at scale g the network prediction is ``pred_u + g * (pred_c - pred_u)``, both halves from one
+batched network call on ``[unconditional; conditional]`` inputs. It is applied to whatever the
+UNet predicts (ε or v), as diffusers does. Why it matters here: text-to-image models are sampled
+with guidance in practice (Stable Diffusion: 7.5), and a caption-prompted model may reproduce a
+training image only under guidance, so a memorization gate that samples without it under-reads.
+With g = 1, or without an unconditional embedding, sampling is the plain conditional path.
+
 The caller's scheduler is never mutated: each call builds a fresh sampler from its config
 (``DDPMScheduler`` for ancestral sampling over all T steps, or ``DDIMScheduler`` for fast,
 deterministic sampling with fewer steps).
@@ -49,6 +57,8 @@ def generate(
     device: str | torch.device = "cpu",
     conditioning: torch.Tensor | None = None,
     eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    unconditional: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate ``n`` images.
 
@@ -63,18 +73,29 @@ def generate(
         device: Where to run.
         conditioning: ``encoder_hidden_states`` ``[n, seq, dim]`` for conditional UNets.
         eta: DDIM noise scale (0: deterministic given the starting noise).
+        guidance_scale: Classifier-free guidance scale g (conditional models; needs
+            ``unconditional`` unless it is 1). 1 is plain conditional sampling, bit for bit.
+        unconditional: The empty caption's ``encoder_hidden_states``, ``[1, seq, dim]`` (shared
+            by all images) or ``[n, seq, dim]``; ignored when ``guidance_scale`` is 1.
 
     Returns:
         float32 ``[n, C, H, W]`` images in [-1, 1] on the CPU (decoded by the VAE when the
         model has one).
+
+    Raises:
+        ValueError: Conditioning missing for a conditional model (or given to an unconditional
+            one), guidance asked for without ``unconditional`` or for an unconditional model,
+            or mismatched shapes.
     """
     if n < 1:
         raise ValueError("n must be at least 1")
+    name = type(model.unet).__name__
     if model.conditional != (conditioning is not None):
         need = "needs" if model.conditional else "takes no"
-        raise ValueError(f"{type(model.unet).__name__} {need} conditioning")
+        raise ValueError(f"{name} {need} conditioning")
     if conditioning is not None and conditioning.shape[0] != n:
         raise ValueError(f"conditioning has {conditioning.shape[0]} rows for {n} images")
+    guided = _check_guidance(model, n, conditioning, guidance_scale, unconditional)
     device = torch.device(device)
     scheduler = _sampler(model, sampler)
     default_steps = 50 if sampler == "ddim" else int(scheduler.config.num_train_timesteps)
@@ -89,15 +110,59 @@ def generate(
         x = x.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
         kwargs = {}
         if conditioning is not None:
-            kwargs["encoder_hidden_states"] = conditioning[lo:hi].to(device=device, dtype=dtype)
+            cond = conditioning[lo:hi].to(device=device, dtype=dtype)
+            if guided:
+                assert unconditional is not None
+                shared = len(unconditional) != n  # one [1, seq, dim] row for every image
+                uncond = unconditional.expand(hi - lo, -1, -1) if shared else unconditional[lo:hi]
+                cond = torch.cat([uncond.to(device=device, dtype=dtype), cond])
+            kwargs["encoder_hidden_states"] = cond
         for t in scheduler.timesteps:
-            pred = unet(scheduler.scale_model_input(x, t), t, **kwargs).sample
+            x_in = scheduler.scale_model_input(x, t)
+            if guided:
+                both = unet(torch.cat([x_in, x_in]), t, **kwargs).sample
+                pred_u, pred_c = both.chunk(2)
+                pred = pred_u + guidance_scale * (pred_c - pred_u)
+            else:
+                pred = unet(x_in, t, **kwargs).sample
             step_kwargs = {"eta": eta} if sampler == "ddim" else {}
             x = scheduler.step(pred, t, x, generator=gens, **step_kwargs).prev_sample
         if model.vae is not None:
             x = decode_latents(model, x)
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def _check_guidance(
+    model: DiffusionModel,
+    n: int,
+    conditioning: torch.Tensor | None,
+    guidance_scale: float,
+    unconditional: torch.Tensor | None,
+) -> bool:
+    """Validate the guidance arguments; True when sampling is guided (g != 1)."""
+    name = type(model.unet).__name__
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if not model.conditional:
+        if guidance_scale != 1.0 or unconditional is not None:
+            raise ValueError(f"classifier-free guidance needs a text-conditional model, not {name}")
+        return False
+    if guidance_scale == 1.0:
+        return False
+    if unconditional is None:
+        raise ValueError(
+            f"guidance_scale {guidance_scale:g} needs `unconditional`: the empty caption's "
+            "encoder states (e.g. model.text_encoder.encode(['']))"
+        )
+    assert conditioning is not None
+    if unconditional.ndim != 3 or len(unconditional) not in (1, n):
+        raise ValueError(f"unconditional must be [1, seq, dim] or [{n}, seq, dim], "
+                         f"got {tuple(unconditional.shape)}")  # fmt: skip
+    if unconditional.shape[1:] != conditioning.shape[1:]:
+        raise ValueError(f"unconditional states {tuple(unconditional.shape[1:])} differ from "
+                         f"the conditioning's {tuple(conditioning.shape[1:])}")  # fmt: skip
+    return True
 
 
 def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
