@@ -80,9 +80,24 @@ SCORES = pa.schema(
     ]
 )
 
+# VAE latents of samples, cached per (sample, cache key); the key hashes the VAE's weights and
+# config, the pixel size, the geometry policy and the encoding dtype (storage/latent_cache.py).
+LATENTS = pa.schema(
+    [
+        pa.field("latent_id", pa.string(), nullable=False),  # f"{cache_key}/{sample_id}"
+        pa.field("cache_key", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("latent", pa.large_binary(), nullable=False),  # little-endian float32, C order
+        pa.field("created_at", _TS, nullable=False),
+    ]
+)
+
 TABLES: dict[str, tuple[pa.Schema, str]] = {
     "samples": (SAMPLES, "sample_id"),
     "quarantine": (QUARANTINE, "quarantine_id"),
     "duplicates": (DUPLICATES, "sample_id"),
     "scores": (SCORES, "score_id"),
+    "latents": (LATENTS, "latent_id"),
 }
