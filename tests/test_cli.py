@@ -142,7 +142,7 @@ def test_score_command_prints_riskiest_and_refuses_bad_input(tmp_path, digit_fil
     res = invoke("score", "-d", "digits", "-m", model, "--scorer", "bogus", "-w", ws)
     assert res.exit_code == 2 and "signal" in res.output
     res = invoke("score", "-d", "digits", "-m", tmp_path / "nope", "-w", ws)
-    assert res.exit_code == 2 and "model directory not found" in res.output
+    assert res.exit_code == 2 and "model not found" in res.output
     res = invoke("score", "-d", "digits", "-m", model, "--timesteps", "5000", "-w", ws)
     assert res.exit_code == 2 and "training timesteps" in res.output
 

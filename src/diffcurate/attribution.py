@@ -31,7 +31,9 @@ import torch
 
 from diffcurate.influence.registry import FIT_SET, RunState, ScorerSpec, sketch_function
 from diffcurate.models.diffusion import DiffusionModel
-from diffcurate.models.images import decode_sample, prepare_image
+from diffcurate.models.images import Geometry, decode_sample, prepare_image
+from diffcurate.models.inputs import ModelInputs, encode_pixels
+from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.sketches import SketchStore
@@ -64,22 +66,26 @@ def query_key(data: bytes) -> str:
 
 
 def load_query(
-    path: Path, model: DiffusionModel, caption: str | None
+    path: Path, model: DiffusionModel, caption: str | None, geometry: Geometry = "center-crop"
 ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
-    """The query image as ``[1, C, H, W]`` for ``model``, its key, and its caption embedding."""
-    from diffcurate.tasks.score import pixel_shape
-
+    """The query image in diffusion space (``[1, C, H, W]`` pixels, or its VAE latent), its
+    key, and its caption embedding: prepared exactly as the training samples are."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise AttributionError(f"cannot read query image {path}: {err}") from err
-    channels, size = pixel_shape(model)
-    pixels = prepare_image(decode_sample(data, str(path)), channels, size)
+    inputs = ModelInputs.of(model, geometry)
+    pixels = prepare_image(
+        decode_sample(data, str(path)), inputs.pixel_channels, inputs.pixel_size, geometry
+    )
+    x0 = torch.from_numpy(pixels[None])
+    if model.vae is not None:
+        x0 = encode_pixels(model, x0)
     cond = None
     if model.conditional:
         assert model.text_encoder is not None
         cond = model.text_encoder.encode([caption or ""])
-    return torch.from_numpy(pixels[None]), query_key(data), cond
+    return x0, query_key(data), cond
 
 
 def _score_runs(ledger: Ledger, signals: tuple[str, ...]) -> list[dict]:
@@ -144,8 +150,10 @@ def find_run(
 def _dmin(
     store_uri: str, run: dict, spec: ScorerSpec, model: DiffusionModel, query, k: int, exact: bool
 ) -> tuple[list[str], np.ndarray, int]:
+    from diffcurate.tasks.score import scoring_objective
+
     images, key, cond = query
-    objective = spec.objective(model.scheduler, model.vae)
+    objective = scoring_objective(spec, model)
     sketch = sketch_function(spec)(objective, model.unet, images, [key], cond)
     table = run["stats"].get("sketch_table") or "sketches"
     sketches = SketchStore(store_uri, table=table)
@@ -166,7 +174,7 @@ def _exact_over_dataset(
     """EK-FAC or TRAK influence of every dataset sample on the query, shard by shard."""
     from diffcurate.influence.ekfac import ekfac_attribution
     from diffcurate.influence.trak import trak_features, trak_scores
-    from diffcurate.tasks.score import load_images, prepare_scorer
+    from diffcurate.tasks.score import load_images, prepare_scorer, scoring_objective
 
     images, key, cond = query
     ids = sorted(
@@ -176,7 +184,7 @@ def _exact_over_dataset(
         raise AttributionError(f"dataset {dataset!r} has no samples")
     state: RunState = prepare_scorer.fn(store, dataset, ids, model, spec, cache_dir)
     assert state.fit is not None
-    objective = spec.objective(model.scheduler, model.vae)
+    objective = scoring_objective(spec, model)
     q_feats = None
     if spec.signal != "ekfac":
         q_feats = trak_features(objective, model.unet, images, [key], spec.trak_config, cond)
@@ -209,6 +217,7 @@ def attribute_image(
     dataset: str | None = None,
     caption: str | None = None,
     shard_size: int = 256,
+    load: LoadOptions | None = None,
 ) -> Attribution:
     """The ``top_k`` training samples with the largest influence on ``image`` (module doc)."""
     from diffcurate.tasks.score import load_model
@@ -217,13 +226,16 @@ def attribute_image(
         raise AttributionError(f"unknown scorer {scorer!r}; use one of {ATTRIBUTION_SCORERS}")
     if top_k < 1:
         raise AttributionError("--top-k must be >= 1")
-    if not model_path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_path}")
+    if not model_path.exists():
+        raise FileNotFoundError(f"model not found: {model_path}")
     store = LanceStore(str(workspace / "lancedb"))
     ledger = Ledger(workspace / "ledger.duckdb")
     run = find_run(ledger, scorer, model_path, run_id, dataset)
-    model = load_model(model_path)
-    query = load_query(image, model, caption)
+    if run is not None and load is None:
+        load = LoadOptions.model_validate(run["params"].get("load") or {})
+    model = load_model(model_path, options=load)
+    geometry = "center-crop" if run is None else run["params"].get("geometry", "center-crop")
+    query = load_query(image, model, caption, geometry)
     started = time.perf_counter()
     if scorer == "dmin":
         if run is None:

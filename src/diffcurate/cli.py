@@ -52,6 +52,57 @@ LrOpt = Annotated[float, typer.Option(help="Fine-tune learning rate.")]
 RetrainStepsOpt = Annotated[int, typer.Option(help="Steps when retraining.")]
 MitigationSeedOpt = Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")]
 
+# How a checkpoint is held: every command that loads a model takes these.
+VariantOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights variant of every component, e.g. fp16 for *.fp16.safetensors "
+        "[default: the plain weights, or the only variant present]."
+    ),
+]
+LoadDTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Load the networks as float32 | float64 | float16 | bfloat16 (half precision "
+        "needs --device cuda) [default: as saved].",
+    ),
+]
+LoraOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--lora", help="LoRA adapter (file or directory) fused at load; repeatable."),
+]
+LoraScaleOpt = Annotated[float, typer.Option(help="Multiplier of the LoRA updates.")]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="For a single-file checkpoint (--model x.safetensors): a local diffusers "
+        "directory with the component configs and tokenizer (nothing is downloaded)."
+    ),
+]
+GeometryOpt = Annotated[
+    str,
+    typer.Option(
+        help="How images become the model's square input: center-crop | resize | pad "
+        "(counts of cropped/upscaled images are reported)."
+    ),
+]
+GuidanceOpt = Annotated[
+    float, typer.Option(help="Classifier-free guidance of the gate's generations (T2I models).")
+]
+PerSecretOpt = Annotated[
+    int, typer.Option(help="T2I models: generations per distinct secret, from its caption.")
+]
+GateStepsOpt = Annotated[int, typer.Option(help="DDIM steps of the gate's generations.")]
+MemRuleOpt = Annotated[
+    str,
+    typer.Option(
+        help="Reconstruction rule: auto (relative for latent models, absolute otherwise) | "
+        "absolute (tiled L2 < tau) | relative (Carlini et al.'s distance ratio to the "
+        "nearest training images < tau)."
+    ),
+]
+
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
@@ -85,6 +136,36 @@ def _settings(workspace: Path | None) -> Settings:
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def _load_options(
+    variant: str | None,
+    dtype: str | None,
+    lora: list[Path] | None,
+    lora_scale: float,
+    model_config: Path | None,
+    device: str = "cpu",
+):  # -> LoadOptions (imported lazily)
+    """The loading options of the model flags, checked against the device."""
+    from diffcurate.models.load_options import LoadOptions
+
+    options = LoadOptions(
+        variant=variant, dtype=dtype, lora=list(lora or []), lora_scale=lora_scale,
+        config=model_config,
+    )  # fmt: skip
+    options.check_device(device)
+    return options
+
+
+def _preflight(model: Path, options, device: str = "cpu"):  # -> DiffusionModel
+    """Load the model before any flow starts: a bad checkpoint is one line, exit 2."""
+    from diffcurate.models.errors import ModelLoadError
+    from diffcurate.models.load_options import preflight
+
+    try:
+        return preflight(model, options, device)
+    except (ModelLoadError, ValueError) as e:
+        raise _fail(str(e)) from e
 
 
 @app.command()
@@ -278,6 +359,11 @@ def score(
         int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
     ] = 2,
     top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 10,
+    variant: VariantOpt = None,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = 1.0,
+    model_config: ModelConfigOpt = None,
+    geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Score every sample's memorization risk with one scorer; writes the `scores` table.
@@ -330,13 +416,16 @@ def score(
         from diffcurate.flows.score import ScoreParams, score_flow
         from diffcurate.flows.sharded import DaskOptions
 
+        load = _load_options(variant, None, lora, lora_scale, model_config, device)
         params = ScoreParams(
-            dataset=dataset, model=model, scorer=spec, workspace=settings.workspace,
-            shard_size=shard_size, resume=resume, runner=runner,
+            dataset=dataset, model=model, load=load, scorer=spec, workspace=settings.workspace,
+            shard_size=shard_size, resume=resume, runner=runner, geometry=geometry,
             dask=DaskOptions(address=dask_address, n_workers=dask_workers),
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise _fail(str(e)) from e
+    if model is not None and spec.uses_model:
+        _preflight(model, load, device)
     from diffcurate.models.diffusion import ModelLoadError
 
     try:
@@ -394,6 +483,10 @@ def attribute(
     caption: Annotated[
         str | None, typer.Option(help="Prompt of the query (text-conditional models).")
     ] = None,
+    variant: VariantOpt = None,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = 1.0,
+    model_config: ModelConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Print the training samples with the most influence on IMAGE, with their scores.
@@ -408,9 +501,12 @@ def attribute(
     from diffcurate.models.images import ImageLoadError
 
     try:
+        load = None
+        if variant or lora or model_config:
+            load = _load_options(variant, None, lora, lora_scale, model_config)
         result = attribute_image(
             settings.workspace, image, model, top_k=top_k, scorer=scorer, run_id=run,
-            exact=exact, dataset=dataset, caption=caption,
+            exact=exact, dataset=dataset, caption=caption, load=load,
         )  # fmt: skip
     except (AttributionError, ImageLoadError, ModelLoadError, FileNotFoundError, KeyError) as e:
         raise _fail(str(e)) from e
@@ -474,56 +570,93 @@ def train(
         typer.Option(help="Model name under WORKSPACE/models [default: DATASET-ARCH]."),
     ] = None,
     arch: Annotated[
-        str, typer.Option(help="Reference architecture: digits-8px | tiny.")
+        str,
+        typer.Option(
+            help="Reference architecture: digits-8px | tiny (pixel DDPMs) | sd-tiny (latent "
+            "text-to-image: VAE + CLIP text encoder + cross-attention UNet, RGB 32x32)."
+        ),
     ] = "digits-8px",
     prediction: Annotated[str, typer.Option(help="epsilon | v_prediction.")] = "epsilon",
-    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 3000,
+    steps: Annotated[int, typer.Option(help="Total optimisation steps of the UNet.")] = 3000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of init, batches, timesteps and noise.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 500,
+    vae_steps: Annotated[
+        int, typer.Option(help="sd-tiny: VAE training steps (run once, before the UNet).")
+    ] = 1500,
+    caption_dropout: Annotated[
+        float,
+        typer.Option(help="sd-tiny: share of captions replaced by the empty one (for CFG)."),
+    ] = 0.1,
+    geometry: GeometryOpt = "center-crop",
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Train a reference diffusion model on an ingested dataset (resumes if re-run).
 
     Checkpoints go to WORKSPACE/models/NAME/checkpoints/step-N/, each a complete model
-    directory that `diffcurate score --model` and `diffcurate sample --model` accept.
+    directory that `diffcurate score --model` and `diffcurate sample --model` accept (for
+    sd-tiny a full Stable-Diffusion-layout pipeline). sd-tiny first trains its VAE
+    (--vae-steps, saved once to WORKSPACE/models/NAME/base/), then the UNet on the VAE's
+    latents with the frozen text encoder's caption states.
     """
     import time
 
     settings = _settings(workspace)
     from diffcurate.models.diffusion import ModelLoadError
-    from diffcurate.models.images import ImageLoadError, images_for_unet
-    from diffcurate.models.reference import SchedulerConfig, reference_model
+    from diffcurate.models.images import GEOMETRIES, ImageLoadError
+    from diffcurate.models.reference import SchedulerConfig
+    from diffcurate.models.reference_training import prepare_reference_training
     from diffcurate.models.train import TrainConfig
     from diffcurate.models.train import train as train_model
+    from diffcurate.models.vae_train import VAEConfig
     from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
     from diffcurate.storage.ledger import Ledger
 
     name = name or f"{dataset}-{arch}"
+    model_dir = settings.models_dir / name
     try:
         validate_dataset_name(dataset)
         validate_dataset_name(name)
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"unknown --geometry {geometry!r}; use center-crop, resize or pad")
         config = TrainConfig(
             steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             checkpoint_every=checkpoint_every, device=device,
+            caption_dropout=caption_dropout if arch == "sd-tiny" else 0.0,
         )  # fmt: skip
-        model = reference_model(arch, seed, SchedulerConfig(prediction_type=prediction))
-        data = images_for_unet(LanceStore(settings.lancedb_uri), dataset, model.unet)
-    except (ValidationError, ValueError, KeyError, ImageLoadError) as e:
+        vae_config = VAEConfig(steps=vae_steps, seed=seed, device=device)
+        scheduler = SchedulerConfig(prediction_type=prediction)
+    except (ValidationError, ValueError, KeyError) as e:
         raise _fail(str(e)) from e
     ledger = Ledger(settings.ledger_path)
     run_id = ledger.start_run(
         "train", dataset=dataset, source=arch,
-        params={"name": name, "arch": arch, "prediction": prediction, **config.model_dump()},
+        params={"name": name, "arch": arch, "prediction": prediction, "geometry": geometry,
+                "vae_steps": vae_steps, **config.model_dump()},
     )  # fmt: skip
     started = time.perf_counter()
     try:
+        data = prepare_reference_training(
+            LanceStore(settings.lancedb_uri), dataset, arch, model_dir, seed=seed,
+            scheduler=scheduler, vae=vae_config, geometry=geometry, progress=True,
+        )  # fmt: skip
+        if data.vae is not None:
+            out.print(
+                f"trained the {arch} VAE: {vae_steps} steps, reconstruction RMSE "
+                f"{data.vae.recon_rmse:.4f} ({data.vae.seconds:.1f} s)"
+            )
+        if (warning := data.geometry.warning()) is not None:
+            err.print(f"[yellow]warning:[/yellow] {warning}")
         result = train_model(
-            model, data.pixels, config, checkpoint_dir=settings.models_dir / name / "checkpoints"
-        )
-    except (ValueError, FloatingPointError, ModelLoadError) as e:
+            data.model, data.x0, config, checkpoint_dir=model_dir / "checkpoints",
+            conditioning=data.conditioning, unconditional=data.unconditional,
+        )  # fmt: skip
+    except (ValidationError, ValueError, KeyError, ImageLoadError) as e:
+        ledger.finish_run(run_id, status="failed", error=repr(e))
+        raise _fail(str(e)) from e
+    except (FloatingPointError, ModelLoadError) as e:
         ledger.finish_run(run_id, status="failed", error=repr(e))
         raise _fail(str(e)) from e
     tail = result.losses[-100:]
@@ -531,6 +664,8 @@ def train(
         "images": len(data.sample_ids), "start_step": result.start_step,
         "final_step": result.final_step, "model": str(result.checkpoint),
         "final_loss": sum(tail) / max(len(tail), 1),
+        "geometry": data.geometry.model_dump(mode="json"),
+        "vae_recon_rmse": None if data.vae is None else data.vae.recon_rmse,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     ledger.finish_run(run_id, status="completed", stats=stats)
@@ -543,9 +678,21 @@ def train(
 
 @app.command()
 def sample(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Local diffusers model dir or checkpoint file.")
+    ],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write.")],
     n: Annotated[int, typer.Option("--n", help="Images to generate.")] = 64,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text-conditional models: the caption to generate from (repeatable: the "
+            "prompts are cycled over the n images)."
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float, typer.Option(help="Classifier-free guidance weight (text-conditional models).")
+    ] = 7.5,
     seed: Annotated[int, typer.Option(help="Seed (image i uses (seed, i)).")] = 0,
     sampler: Annotated[str, typer.Option(help="ddim | ddpm.")] = "ddim",
     inference_steps: Annotated[
@@ -553,20 +700,46 @@ def sample(
     ] = None,
     scale: Annotated[int, typer.Option(help="Upscale factor of the grid (nearest).")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    variant: VariantOpt = None,
+    dtype: LoadDTypeOpt = None,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = 1.0,
+    model_config: ModelConfigOpt = None,
 ) -> None:
-    """Generate images from a local model and save them as a PNG grid."""
-    from diffcurate.models.diffusion import ModelLoadError, load_diffusion_model
+    """Generate images from a local model and save them as a PNG grid.
+
+    Text-conditional pipelines generate from `--prompt` under classifier-free guidance
+    (`--guidance-scale`, 1 = no guidance), as the diffusers text-to-image pipeline does.
+    """
+    from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.models.sample import generate, save_grid
 
     if sampler not in ("ddim", "ddpm"):
         raise _fail(f"unknown --sampler {sampler!r}; use ddim or ddpm")
     try:
-        loaded = load_diffusion_model(model)
+        options = _load_options(variant, dtype, lora, lora_scale, model_config, device)
+    except (ValidationError, ValueError) as e:
+        raise _fail(str(e)) from e
+    loaded = _preflight(model, options, device)
+    try:
+        kwargs: dict[str, object] = {}
         if loaded.conditional:
-            raise ValueError("text-conditional models need caption embeddings; not supported here")
+            if not prompt:
+                raise ValueError(
+                    f"{model} is a text-conditional model: give --prompt TEXT (repeatable)"
+                )
+            if loaded.text_encoder is None:
+                raise ValueError(f"{model} has no text_encoder/ to embed --prompt with")
+            prompts = [prompt[i % len(prompt)] for i in range(n)]
+            kwargs["conditioning"] = loaded.text_encoder.encode(prompts)
+            if guidance_scale != 1.0:
+                kwargs["guidance_scale"] = guidance_scale
+                kwargs["unconditional"] = loaded.text_encoder.encode([""])
+        elif prompt:
+            raise ValueError(f"{model} is unconditional: --prompt does not apply")
         images = generate(
             loaded, n, seed=seed, sampler=sampler, num_inference_steps=inference_steps,
-            device=device,
+            device=device, **kwargs,
         )  # fmt: skip
     except (ModelLoadError, ValueError) as e:
         raise _fail(str(e)) from e
@@ -623,8 +796,9 @@ def run_hygiene(
     mem_tau: Annotated[
         float | None,
         typer.Option(
-            help="Fixed reconstruction threshold τ (tiled L2 on [0, 1] pixels) "
-            "[default: 0.08, or calibrated with --mem-calibrate-fpr]."
+            help="Fixed threshold of the reconstruction rule: τ on tiled L2 of [0, 1] pixels "
+            "(absolute), δ on the distance ratio (relative) [default: 0.08 / 0.8, or "
+            "calibrated with --mem-calibrate-fpr]."
         ),
     ] = None,
     mem_calibrate_fpr: Annotated[
@@ -639,8 +813,18 @@ def run_hygiene(
     max_fd_increase: Annotated[
         float, typer.Option(help="Gate: max relative FD increase (0.10 = 10%).")
     ] = 0.10,
+    mem_rule: MemRuleOpt = "auto",
+    guidance_scale: GuidanceOpt = 7.5,
+    generations_per_secret: PerSecretOpt = 8,
+    inference_steps: GateStepsOpt = 50,
     seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    variant: VariantOpt = None,
+    dtype: LoadDTypeOpt = None,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = 1.0,
+    model_config: ModelConfigOpt = None,
+    geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Run a hygiene run: score → flag → audit → mitigate → gate → candidate release.
@@ -651,41 +835,45 @@ def run_hygiene(
     `<dataset>-candidate-<n>`. Nothing is approved automatically: `diffcurate release approve`
     does that (a failed gate or audit needs `--override`). Exit code 0 when the gates pass,
     1 when the candidate was created but failed a gate, 2 when refused.
+
+    Latent text-to-image pipelines (VAE + text encoder + cross-attention UNet) are mitigated on
+    cached VAE latents with their captions, and gated by prompting each distinct secret's
+    caption under classifier-free guidance; `--mem-rule auto` then judges reconstructions by
+    Carlini et al.'s relative distance, which a VAE's blur does not hide.
     """
     settings = _settings(workspace)
     try:
         from diffcurate.curation.flag import FlagPolicy
         from diffcurate.curation.gate import GatePolicy
-        from diffcurate.curation.measure import MeasureConfig
         from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
         from diffcurate.influence.registry import ScorerSpec
-        from diffcurate.metrics.memorization import MemorizationPolicy
         from diffcurate.models.mitigate import MitigationConfig
 
-        if mem_tau is not None and mem_calibrate_fpr is not None:
-            raise ValueError("give either --mem-tau or --mem-calibrate-fpr, not both")
-
+        load = _load_options(variant, dtype, lora, lora_scale, model_config, device)
+        measure = _measure_config(
+            generations, seed, device, mem_tau, mem_calibrate_fpr, mem_rule, guidance_scale,
+            generations_per_secret, inference_steps,
+        )  # fmt: skip
         flag = (
             FlagPolicy(mode="threshold", threshold=threshold, fairness_cap=fairness_cap)
             if threshold is not None
             else FlagPolicy(fraction=fraction, fairness_cap=fairness_cap)
         )
         params = HygieneParams(
-            dataset=dataset, model=model, workspace=settings.workspace,
+            dataset=dataset, model=model, load=load, geometry=geometry,
+            workspace=settings.workspace,
             scorer=ScorerSpec(signal=scorer, seed=seed, device=device), score_run=score_run,
             flag=flag, group_by=group_by, fairness_attribute=fairness_attribute,
             audit_attributes=audit_attribute or None,
             mitigation=MitigationConfig(method=mitigation, epochs=epochs, lr=lr,
                                         retrain_steps=retrain_steps, seed=seed, device=device),
-            secrets=_secret_list(secrets), heldout_dataset=heldout_dataset,
-            measure=MeasureConfig(generations=generations, seed=seed, device=device,
-                                  memorization=MemorizationPolicy(threshold=mem_tau),
-                                  calibrate_fpr=mem_calibrate_fpr),
+            secrets=_secret_list(secrets), heldout_dataset=heldout_dataset, measure=measure,
             gate=GatePolicy(max_mem_percent_after=max_mem,
                             max_relative_fd_increase=max_fd_increase),
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise _fail(str(e)) from e
+    _preflight(model, load, device)
     from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.storage.releases import ReleaseError
 
@@ -734,8 +922,18 @@ def evaluate(
         float | None,
         typer.Option(help="Calibrate τ on the original model to this false-positive rate."),
     ] = None,
+    mem_rule: MemRuleOpt = "auto",
+    guidance_scale: GuidanceOpt = 7.5,
+    generations_per_secret: PerSecretOpt = 8,
+    inference_steps: GateStepsOpt = 50,
     seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    variant: VariantOpt = None,
+    dtype: LoadDTypeOpt = None,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = 1.0,
+    model_config: ModelConfigOpt = None,
+    geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Compare risk scorers on your dataset, model and secrets: prune, mitigate, measure.
@@ -749,21 +947,23 @@ def evaluate(
     settings = _settings(workspace)
     try:
         from diffcurate.curation.flag import FlagPolicy
-        from diffcurate.curation.measure import MeasureConfig
         from diffcurate.flows.evaluate import EvalParams
         from diffcurate.influence.registry import ScorerSpec
-        from diffcurate.metrics.memorization import MemorizationPolicy
         from diffcurate.models.mitigate import MitigationConfig
 
-        if mem_tau is not None and mem_calibrate_fpr is not None:
-            raise ValueError("give either --mem-tau or --mem-calibrate-fpr, not both")
+        load = _load_options(variant, dtype, lora, lora_scale, model_config, device)
+        measure = _measure_config(
+            generations, seed, device, mem_tau, mem_calibrate_fpr, mem_rule, guidance_scale,
+            generations_per_secret, inference_steps,
+        )  # fmt: skip
         flag = (
             FlagPolicy(mode="threshold", threshold=threshold)
             if threshold is not None
             else FlagPolicy(fraction=fraction)
         )
         params = EvalParams(
-            dataset=dataset, model=model, workspace=settings.workspace,
+            dataset=dataset, model=model, load=load, geometry=geometry,
+            workspace=settings.workspace,
             secrets=_secret_list(secrets),
             scorers=[ScorerSpec(signal=s.strip(), seed=seed, device=device)
                      for s in scorers.split(",") if s.strip()],
@@ -771,13 +971,11 @@ def evaluate(
             mitigations=[MitigationConfig(method=m.strip(), epochs=epochs, lr=lr,
                                           retrain_steps=retrain_steps, seed=seed, device=device)
                          for m in mitigation.split(",") if m.strip()],
-            heldout_dataset=heldout_dataset,
-            measure=MeasureConfig(generations=generations, seed=seed, device=device,
-                                  memorization=MemorizationPolicy(threshold=mem_tau),
-                                  calibrate_fpr=mem_calibrate_fpr),
+            heldout_dataset=heldout_dataset, measure=measure,
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise _fail(str(e)) from e
+    _preflight(model, load, device)
     from diffcurate.flows.evaluate import eval_flow
     from diffcurate.models.diffusion import ModelLoadError
 
@@ -808,6 +1006,31 @@ def evaluate(
               "mitigation.")  # fmt: skip
 
 
+def _measure_config(
+    generations: int,
+    seed: int,
+    device: str,
+    mem_tau: float | None,
+    mem_calibrate_fpr: float | None,
+    mem_rule: str,
+    guidance_scale: float,
+    generations_per_secret: int,
+    inference_steps: int,
+):  # -> MeasureConfig (imported lazily)
+    """The gate's measurement settings, shared by `run` and `eval`."""
+    from diffcurate.curation.measure import MeasureConfig
+    from diffcurate.metrics.memorization import MemorizationPolicy
+
+    if mem_tau is not None and mem_calibrate_fpr is not None:
+        raise ValueError("give either --mem-tau or --mem-calibrate-fpr, not both")
+    return MeasureConfig(
+        generations=generations, seed=seed, device=device, rule=mem_rule,
+        memorization=MemorizationPolicy(threshold=mem_tau), calibrate_fpr=mem_calibrate_fpr,
+        guidance_scale=guidance_scale, generations_per_secret=generations_per_secret,
+        inference_steps=inference_steps,
+    )  # fmt: skip
+
+
 def _secret_list(value: str | None) -> list[str]:
     """Secrets from a JSON file (list or {"planted_keys": [...]}) or a comma-separated list."""
     if value is None:
@@ -836,14 +1059,32 @@ def _print_hygiene(summary) -> None:
         audit = "FAILED: " + "; ".join(summary.audit_violations)
     t.add_row("audit", f"{audit} ({', '.join(summary.audit_attributes) or '-'})")
     t.add_row("mitigation", summary.mitigation)
-    t.add_row("secrets", f"{len(summary.secrets)} ({summary.secrets_source})")
+    copies = summary.secret_samples
+    t.add_row("secrets", f"{len(summary.secrets)} distinct images"
+              + (f" ({copies} samples with copies)" if copies > len(summary.secrets) else "")
+              + f" ({summary.secrets_source})")  # fmt: skip
     t.add_row("utility reference", summary.reference)
+    if summary.geometry:
+        g = summary.geometry
+        t.add_row("geometry", f"{g.get('geometry')}: {g.get('cropped', 0)} cropped, "
+                  f"{g.get('upscaled', 0)} upscaled, {g.get('padded', 0)} padded of "
+                  f"{g.get('n_images', '?')}")  # fmt: skip
+    if summary.geometry_warning:
+        err.print(f"[yellow]warning:[/yellow] {summary.geometry_warning}")
     cal = summary.mem_calibration
     if summary.mem_tau is not None:
         how = ("fixed" if cal is None else
                f"calibrated: at most {100 * cal['fpr']:g}% of {cal['n_images']} reference images "
                f"count as reconstructed, observed {100 * cal['observed_fpr']:.1f}%")  # fmt: skip
-        t.add_row("Mem% threshold", f"closest generation < {summary.mem_tau:.4g} ({how})")
+        rule = summary.mem_rule or "tiled_l2"
+        value = "distance ratio" if rule.startswith("relative") else "closest generation"
+        t.add_row("Mem% rule", f"{rule}: {value} < {summary.mem_tau:.4g} ({how})")
+        fpr = summary.heldout_fpr.get("before")
+        if fpr is not None:
+            t.add_row("held-out false positives", f"{100 * fpr:.1f}% of the reference images "
+                      "count as reconstructed by the model before mitigation")  # fmt: skip
+    if summary.guidance_scale is not None:
+        t.add_row("generation", f"each secret's caption, guidance {summary.guidance_scale:g}")
     t.add_row("candidate model", summary.candidate_model)
     t.add_row(
         "time",
@@ -879,21 +1120,37 @@ def _print_hygiene(summary) -> None:
 @app.command("demo-corpus")
 def demo_corpus(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the corpus into.")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="digits (scikit-learn 8x8 digits, for pixel DDPMs) | photos (32x32 crops of "
+            "scikit-image's photos with captions, for text-to-image pipelines such as sd-tiny)."
+        ),
+    ] = "digits",
     format: Annotated[
         str, typer.Option("--format", "-f", help="folder | manifest | webdataset.")
     ] = "webdataset",
-    n_duplicated: Annotated[int, typer.Option(help="Images planted as duplicates.")] = 10,
-    copies: Annotated[int, typer.Option(help="Total copies of each planted image.")] = 30,
+    n_duplicated: Annotated[
+        int | None,
+        typer.Option(help="Images planted as exact duplicates [default: digits 10, photos 3]."),
+    ] = None,
+    copies: Annotated[
+        int | None,
+        typer.Option(help="Total copies of each planted image [default: digits 30, photos 20]."),
+    ] = None,
+    near: Annotated[
+        int, typer.Option(help="photos: images planted as near duplicates (shifted, noisy).")
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Seed choosing the planted images.")] = 0,
     heldout: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Digits left out of training, written to OUT_DIR/heldout (ingest "
-            "them as a held-out dataset for FD/KID and Mem% calibration)."
+            help="Images left out of training, written to OUT_DIR/heldout (ingest them as a "
+            "held-out dataset for FD/KID and Mem% calibration) [default: digits 300, photos 50]."
         ),
-    ] = 300,
+    ] = None,
 ) -> None:
-    """Write the bundled demo corpus (scikit-learn digits with planted duplicates)."""
+    """Write a bundled demo corpus with planted memorization secrets (see planted.json)."""
     from diffcurate.demo.corpus import CorpusFormat, build_demo_corpus
 
     try:
@@ -902,17 +1159,35 @@ def demo_corpus(
         raise _fail(
             f"unknown --format {format!r}; use one of {[f.value for f in CorpusFormat]}"
         ) from None
+    if kind not in ("digits", "photos"):
+        raise _fail(f"unknown --kind {kind!r}; use digits or photos")
+    photos = kind == "photos"
+    n_dup = n_duplicated if n_duplicated is not None else (3 if photos else 10)
+    n_copies = copies if copies is not None else (20 if photos else 30)
+    n_held = heldout if heldout is not None else (50 if photos else 300)
     try:
-        corpus = build_demo_corpus(out_dir, fmt, n_duplicated=n_duplicated, copies=copies,
-                                   seed=seed, n_heldout=heldout)  # fmt: skip
+        if photos:
+            from diffcurate.demo.photos import write_photo_corpus
+
+            corpus = write_photo_corpus(out_dir, fmt=fmt, heldout=n_held, secrets=n_dup,
+                                        near_secrets=near, copies=n_copies, seed=seed)  # fmt: skip
+        else:
+            corpus = build_demo_corpus(out_dir, fmt, n_duplicated=n_dup, copies=n_copies,
+                                       seed=seed, n_heldout=n_held)  # fmt: skip
     except ValueError as e:
         raise _fail(str(e)) from e
     out.print(
         f"wrote {corpus.n_samples} samples ({corpus.format.value}) to {corpus.path}; "
-        f"{len(corpus.planted_keys)} images planted x{copies} (see {out_dir / 'planted.json'})"
+        f"{len(corpus.planted_keys)} images planted x{n_copies} (see {out_dir / 'planted.json'})"
     )
+    if photos:
+        out.print(
+            f"{corpus.n_distinct} distinct images; {corpus.n_non_square} non-square and "
+            f"{corpus.n_small} smaller than 32 px (for the geometry policy); exact secrets: "
+            f"{', '.join(corpus.exact_keys)}; near secrets: {', '.join(corpus.near_keys)}"
+        )
     if corpus.heldout_path is not None:
-        out.print(f"held out {corpus.n_heldout} digits (never trained on) in {corpus.heldout_path}")
+        out.print(f"held out {corpus.n_heldout} images (never trained on) in {corpus.heldout_path}")
 
 
 @app.command()

@@ -140,7 +140,7 @@ def test_relative_rule_sees_secrets_behind_the_floor_where_absolute_tau_reads_ze
     assert max(got) < 0.8 and (rel.mem.alpha, rel.mem.n_neighbours) == (0.5, 50)
     floor = tiled_l2_distances(copies, to_unit(world["secrets"]))
     assert floor.diagonal().min() > 0.08  # above the absolute tau ...
-    absolute = CONFIG.model_copy(update={"memorization": MemorizationPolicy()})
+    absolute = CONFIG.model_copy(update={"memorization": MemorizationPolicy(), "rule": "absolute"})
     assert measure(model, world, absolute).mem.mem_percent == 0.0  # ... which reads 0
     # Without the floor the absolute rule sees the same secrets.
     assert measure(memorizer(world, floor=0.0), world, absolute).mem.mem_percent == 100.0
@@ -202,3 +202,18 @@ def test_refusals(world):
         measure_model(model, w["secrets"], ["s1", "s2"], w["held"],
                       CONFIG.model_copy(update={"calibrate_fpr": 0.1}), w["secret_caps"],
                       w["held_caps"], unconditional=UNCOND, neighbours=w["neighbours"])  # fmt: skip
+
+
+def test_auto_rule_is_relative_for_latent_models_only(world):
+    latent = memorizer(world, floor=0.4)
+    pixel = DiffusionModel(unet=latent.unet, scheduler=latent.scheduler)
+    auto = MeasureConfig()
+    assert auto.policy_for(latent).metric == "relative_tiled_l2"
+    assert auto.policy_for(pixel).metric == "tiled_l2"
+    l2 = MeasureConfig(memorization=MemorizationPolicy(metric="l2", threshold=0.5))
+    assert l2.policy_for(latent).metric == "relative_l2"
+    assert l2.policy_for(latent).threshold == 0.5
+    forced = MeasureConfig(rule="relative").policy_for(pixel)
+    assert forced.metric == "relative_tiled_l2"
+    back = CONFIG.model_copy(update={"rule": "absolute"}).policy_for(latent)
+    assert back.metric == "tiled_l2"

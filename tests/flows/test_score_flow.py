@@ -107,7 +107,7 @@ def test_failed_run_resumes_without_duplicates_or_drift(scored_workspace, monkey
 
 def test_missing_model_and_empty_dataset_are_clear_errors(scored_workspace, tmp_path):
     ws, model_dir = scored_workspace
-    with pytest.raises(FileNotFoundError, match="model directory not found"):
+    with pytest.raises(FileNotFoundError, match="model not found"):
         run(ws, tmp_path / "nope", ScorerSpec(signal="loss"))
     with pytest.raises(ValueError, match="has no samples"):
         score_flow(ScoreParams(dataset="empty", model=model_dir, workspace=ws, progress=False))

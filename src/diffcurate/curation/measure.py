@@ -13,7 +13,8 @@ default as in Stable Diffusion; needs the empty caption's states, ``unconditiona
 that is how they are used and a caption-prompted model may reproduce a training image only under
 guidance. Pixel-space unconditional models ignore the scale.
 
-Which rule (``MeasureConfig.memorization``), a choice the caller makes:
+Which rule (``MeasureConfig.rule`` picks the family, ``MeasureConfig.memorization`` the base
+distance and threshold); ``auto``, the default, applies the rule below by model class:
 
 * pixel-space models at the scale of the bundled 8×8 digits: ``tiled_l2`` with τ = 0.08 (the
   global default) or a τ calibrated on held-out images;
@@ -40,6 +41,7 @@ counts as reconstructed (``heldout_fpr``): how far to trust a Mem% from a fixed 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -73,6 +75,10 @@ class MeasureConfig(BaseModel):
         guidance_scale: Conditional models: classifier-free guidance scale (1 = none); ignored
             for unconditional models.
         seed: Keyed initial noises (identical for the before and after models).
+        rule: ``absolute`` (distance < τ), ``relative`` (Carlini et al.'s ratio < δ, needs
+            neighbours) or ``auto``: relative for latent models (a VAE decodes the
+            generations), absolute otherwise. A ``memorization`` metric that is already
+            relative is kept as it is.
         memorization: Reconstruction metric and threshold τ.
         calibrate_fpr: If set, τ is calibrated to this false-positive rate on calibration
             images instead of taken from ``memorization`` (see the module docstring).
@@ -90,6 +96,7 @@ class MeasureConfig(BaseModel):
     inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
+    rule: Literal["auto", "absolute", "relative"] = "auto"
     memorization: MemorizationPolicy = Field(default_factory=MemorizationPolicy)
     calibrate_fpr: float | None = Field(None, gt=0.0, le=0.5)
     calibration_size: int = Field(1000, ge=1)
@@ -97,6 +104,17 @@ class MeasureConfig(BaseModel):
     kid_subsets: int = Field(50, ge=1)
     kid_subset_size: int = Field(100, ge=2)
     device: str = "cpu"
+
+    def policy_for(self, model: DiffusionModel) -> MemorizationPolicy:
+        """The reconstruction policy in force for ``model`` (see ``rule``)."""
+        policy = self.memorization
+        relative = self.rule == "relative" or (self.rule == "auto" and model.vae is not None)
+        if policy.relative or not relative:
+            if self.rule == "absolute" and policy.relative:
+                return policy.model_copy(update={"metric": policy.metric.removeprefix("relative_")})
+            return policy
+        metric = "relative_l2" if policy.metric == "l2" else "relative_tiled_l2"
+        return policy.model_copy(update={"metric": metric})
 
 
 class ModelMeasurement(BaseModel):
@@ -193,7 +211,7 @@ def measure_model(
                          "duplicated in the training set is still one secret)")  # fmt: skip
     if len(secret_ids) != len(secrets):
         raise ValueError(f"{len(secret_ids)} secret ids for {len(secrets)} secrets")
-    policy = config.memorization
+    policy = config.policy_for(model)
     if policy.relative and neighbours is None:
         raise ValueError(f"{policy.metric} needs `neighbours` (the training images)")
     guidance = None
@@ -304,7 +322,7 @@ def _calibration_closest(
         cond = conditioning[: len(images)].repeat_interleave(k, dim=0)
         gens = _sample(model, config, cond, config.seed + 2, unconditional)
         owners = np.repeat(np.arange(len(images)), k).tolist()
-    policy = config.memorization
+    policy = config.policy_for(model)
     closest = closest_values(to_unit(gens), to_unit(images), policy, owners,
                              neighbours if policy.relative else None,
                              copies if policy.relative else None)  # fmt: skip

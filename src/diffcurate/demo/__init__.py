@@ -1,1 +1,2 @@
-"""The bundled demo corpus: real scikit-learn digits with captions and audit-group metadata."""
+"""The bundled demo corpora: real scikit-learn digits (pixel DDPMs) and scikit-image photo crops
+(text-to-image pipelines), with captions, audit-group metadata and planted secrets."""

@@ -129,8 +129,8 @@ def build_demo_corpus(
         heldout = [s for s in samples if s.key in chosen]
         samples = [s for s in samples if s.key not in chosen]
     out.mkdir(parents=True, exist_ok=True)
-    path = _write(samples, out, fmt)
-    heldout_path = _write(heldout, out / "heldout", fmt) if heldout else None
+    path = write_samples(samples, out, fmt)
+    heldout_path = write_samples(heldout, out / "heldout", fmt) if heldout else None
     (out / "planted.json").write_text(
         json.dumps({"copies": copies, "seed": seed, "planted_keys": planted}, indent=2)
     )
@@ -138,7 +138,9 @@ def build_demo_corpus(
                       heldout_path=heldout_path, n_heldout=len(heldout))  # fmt: skip
 
 
-def _write(samples: list[SampleFile], out: Path, fmt: CorpusFormat) -> Path:
+def write_samples(samples: list[SampleFile], out: Path, fmt: CorpusFormat) -> Path:
+    """Write ``samples`` under ``out`` in ``fmt`` (the layout every demo corpus shares);
+    returns what `diffcurate ingest` takes."""
     out.mkdir(parents=True, exist_ok=True)
     if fmt == CorpusFormat.FOLDER:
         write_folder(samples, out / "images")

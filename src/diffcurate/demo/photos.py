@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from diffcurate.demo.corpus import CorpusFormat, DemoCorpus, _write, png_bytes
+from diffcurate.demo.corpus import CorpusFormat, DemoCorpus, png_bytes, write_samples
 from diffcurate.demo.writers import SampleFile
 
 COLLECTION = "skimage-data"
@@ -363,8 +363,8 @@ def write_photo_corpus(
         seed=seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    path = _write(made.train, out, fmt)
-    heldout_path = _write(made.heldout, out / "heldout", fmt) if made.heldout else None
+    path = write_samples(made.train, out, fmt)
+    heldout_path = write_samples(made.heldout, out / "heldout", fmt) if made.heldout else None
     planted = made.exact_keys + made.near_keys
     record = {
         "copies": copies,

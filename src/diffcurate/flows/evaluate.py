@@ -27,19 +27,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffcurate.curation.flag import FlagPolicy
 from diffcurate.curation.groups import GroupBy
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement
-from diffcurate.flows.hygiene import (
+from diffcurate.flows.gate_inputs import (
     caption_embeddings,
     duplicate_group_of,
-    flag_task,
-    measure_task,
+    gate_images,
     metadata_frame,
-    mitigate_task,
     resolve_secrets,
-    utility_reference,
 )
+from diffcurate.flows.hygiene import flag_task, measure_task, mitigate_task, needs_neighbours
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec
-from diffcurate.models.images import images_for_unet
+from diffcurate.models.images import Geometry
+from diffcurate.models.inputs import load_inputs
+from diffcurate.models.load_options import LoadOptions
 from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
@@ -57,7 +57,14 @@ class EvalParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: DatasetName = Field(description="Dataset the model was trained on (as ingested).")
-    model: Path = Field(description="Local diffusers model directory.")
+    model: Path = Field(description="Local diffusers model directory (or checkpoint file).")
+    load: LoadOptions = Field(
+        default_factory=LoadOptions,
+        description="How the checkpoint is held: variant, dtype, LoRA adapters, single file.",
+    )
+    geometry: Geometry = Field(
+        "center-crop", description="How non-square images become the model's square input."
+    )
     secrets: list[str] = Field(min_length=1, description="Secret/canary sample keys or ids.")
     scorers: list[ScorerSpec] = Field(min_length=1, description="Scorers to compare.")
     workspace: Path = Path("workspace")
@@ -99,6 +106,10 @@ class EvalSummary(BaseModel):
     secrets: list[str] = Field(default_factory=list)
     reference: str = ""
     mem_tau: float | None = None
+    mem_rule: str = ""
+    heldout_fpr: float | None = Field(
+        None, description="Share of reference images the rule counts as reconstructed (original)."
+    )
     rows: list[EvalRow] = Field(default_factory=list)
     seconds: float = 0.0
 
@@ -123,8 +134,8 @@ def eval_flow(params: EvalParams) -> EvalSummary:
     ws = params.workspace
     store = LanceStore(str(ws / "lancedb"))
     ledger = Ledger(ws / "ledger.duckdb")
-    if not params.model.is_dir():
-        raise FileNotFoundError(f"model directory not found: {params.model}")
+    if not params.model.exists():
+        raise FileNotFoundError(f"model not found: {params.model}")
     run_id = ledger.start_run("eval", dataset=params.dataset, source=str(params.model),
                               params=params.model_dump(mode="json"))  # fmt: skip
     summary = EvalSummary(run_id=run_id, dataset=params.dataset)
@@ -135,33 +146,32 @@ def eval_flow(params: EvalParams) -> EvalSummary:
         all_ids = list(frame["sample_id"])
         summary.n_samples = len(all_ids)
         secret_ids, _ = resolve_secrets(params.secrets, frame, [])
-        summary.secrets = secret_ids
-        model = load_model(params.model)
-        pixels = images_for_unet(store, params.dataset, model.unet, all_ids).pixels
+        model = load_model(params.model, options=params.load)
+        x0 = load_inputs(store, params.dataset, model, all_ids, geometry=params.geometry).x0
         row_of = {sid: i for i, sid in enumerate(all_ids)}
-        secrets = pixels[[row_of[s] for s in secret_ids]]
-        secret_cond = caption_embeddings(model, frame, secret_ids)
-        reference, ref_cond, summary.reference = utility_reference(
-            store, params.heldout_dataset, model, frame, all_ids, pixels, params.measure.seed
-        )
+        uncond = model.text_encoder.encode([""]) if model.text_encoder is not None else None
+        images = gate_images(
+            store, params.dataset, model, frame, secret_ids, training_ids=all_ids,
+            heldout_dataset=params.heldout_dataset, seed=params.measure.seed,
+            geometry=params.geometry, with_neighbours=needs_neighbours(params.measure, model),
+        )  # fmt: skip
+        summary.secrets, summary.reference = images.secret_ids, images.reference_described
 
         def measure(candidate, tau=None):  # type: ignore[no-untyped-def]
-            return measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
-                                params.measure, quote(secret_cond), quote(ref_cond), tau=tau,
-                                calibration_images=quote(reference),
-                                calibration_cond=quote(ref_cond))  # fmt: skip
+            return measure_task(quote(candidate), quote(images), params.measure, tau=tau)
 
         original = measure(model)
         tau = summary.mem_tau = original.mem.threshold  # one yardstick for every candidate
+        summary.mem_rule, summary.heldout_fpr = original.mem.metric, original.heldout_fpr
         summary.rows.append(_row(ORIGINAL, "-", original))
 
         def candidates(scorer: str, kept: list[str], **kw: object) -> None:
-            kept_pixels = pixels[[row_of[i] for i in kept]]
+            kept_x0 = x0[[row_of[i] for i in kept]]
             for config in params.mitigations:
                 t0 = time.perf_counter()
-                candidate = mitigate_task(quote(model), quote(kept_pixels), config,
+                candidate = mitigate_task(quote(model), quote(kept_x0), config,
                                           quote(caption_embeddings(model, frame, kept)),
-                                          params.progress)  # fmt: skip
+                                          params.progress, quote(uncond))  # fmt: skip
                 seconds = time.perf_counter() - t0
                 row = _row(scorer, config.method, measure(candidate, tau),
                            mitigate_seconds=round(seconds, 3), **kw)  # fmt: skip
@@ -174,9 +184,9 @@ def eval_flow(params: EvalParams) -> EvalSummary:
         for spec in params.scorers:
             t0 = time.perf_counter()
             scored = score_flow(
-                ScoreParams(dataset=params.dataset, model=params.model, scorer=spec,
-                            workspace=ws, shard_size=params.shard_size,
-                            progress=params.progress)
+                ScoreParams(dataset=params.dataset, model=params.model, load=params.load,
+                            scorer=spec, geometry=params.geometry, workspace=ws,
+                            shard_size=params.shard_size, progress=params.progress)
             )  # fmt: skip
             table = store.read("scores", columns=["sample_id", "score"],
                                where={"run_id": scored.run_id})  # fmt: skip

@@ -20,7 +20,6 @@ Steps (each recorded in the ledger under the hygiene run's id):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,21 @@ from diffcurate.curation.flag import FlagPolicy, FlagResult, select_removals
 from diffcurate.curation.gate import GateDecision, GatePolicy, evaluate_gates
 from diffcurate.curation.groups import GroupBy, collapse_groups
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement, measure_model
+from diffcurate.flows.gate_inputs import (
+    GateImages,
+    caption_embeddings,
+    duplicate_group_of,
+    gate_images,
+    metadata_frame,
+    resolve_secrets,
+)
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.audit import AuditPolicy, AuditResult, audit_removals
 from diffcurate.models.diffusion import DiffusionModel, save_diffusion_model
-from diffcurate.models.images import images_for_unet
+from diffcurate.models.images import Geometry
+from diffcurate.models.inputs import load_inputs
+from diffcurate.models.load_options import LoadOptions
 from diffcurate.models.mitigate import MitigationConfig, mitigate
 from diffcurate.storage.gate_validation import validate_gate_table
 from diffcurate.storage.lance_store import DatasetName, LanceStore
@@ -59,7 +68,16 @@ class HygieneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: DatasetName = Field(description="Dataset to clean (as ingested).")
-    model: Path = Field(description="Local diffusers model directory trained on the dataset.")
+    model: Path = Field(
+        description="Local diffusers model directory (or checkpoint file) trained on the dataset."
+    )
+    load: LoadOptions = Field(
+        default_factory=LoadOptions,
+        description="How the checkpoint is held: variant, dtype, LoRA adapters, single file.",
+    )
+    geometry: Geometry = Field(
+        "center-crop", description="How non-square images become the model's square input."
+    )
     workspace: Path = Path("workspace")
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
     score_run: str | None = Field(None, description="Reuse this completed score run.")
@@ -99,7 +117,10 @@ class HygieneSummary(BaseModel):
     audit_passed: bool | None = None
     audit_violations: list[str] = Field(default_factory=list)
     audit_attributes: list[str] = Field(default_factory=list)
-    secrets: list[str] = Field(default_factory=list)
+    secrets: list[str] = Field(
+        default_factory=list, description="Distinct secrets measured (one per exact group)."
+    )
+    secret_samples: int = Field(0, description="Samples those secrets cover, copies included.")
     secrets_source: str = ""
     reference: str = ""
     mitigation: str = ""
@@ -115,6 +136,16 @@ class HygieneSummary(BaseModel):
     mem_calibration: dict[str, Any] | None = Field(
         None, description="How τ was calibrated (None: fixed τ)."
     )
+    mem_rule: str = Field("", description="Reconstruction metric that judged both models.")
+    heldout_fpr: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Share of held-out (reference) images the rule counts as reconstructed.",
+    )
+    guidance_scale: float | None = None
+    geometry: dict[str, Any] = Field(
+        default_factory=dict, description="Images cropped / upscaled / padded to fit the model."
+    )
+    geometry_warning: str | None = None
     release_tag: str = ""
     seconds: float = 0.0
     stage_seconds: dict[str, float] = Field(
@@ -154,43 +185,32 @@ def mitigate_task(
     config: MitigationConfig,
     conditioning: torch.Tensor | None,
     progress: bool,
+    unconditional: torch.Tensor | None = None,
 ) -> DiffusionModel:
-    candidate, _ = mitigate(model, pixels, config, conditioning=conditioning, progress=progress)
+    candidate, _ = mitigate(model, pixels, config, conditioning=conditioning, progress=progress,
+                            unconditional=unconditional)  # fmt: skip
     return candidate
 
 
 @task(name="measure", cache_policy=NO_CACHE)
 def measure_task(
     model: DiffusionModel,
-    secrets: torch.Tensor,
-    secret_ids: list[str],
-    reference: torch.Tensor,
+    images: GateImages,
     config: MeasureConfig,
-    secret_cond: torch.Tensor | None,
-    reference_cond: torch.Tensor | None,
     save_closest_to: Path | None = None,
     tau: float | None = None,
-    calibration_images: torch.Tensor | None = None,
-    calibration_cond: torch.Tensor | None = None,
 ) -> ModelMeasurement:
-    return measure_model(model, secrets, secret_ids, reference, config, secret_cond,
-                         reference_cond, save_closest_to, tau=tau,
-                         calibration_images=calibration_images,
-                         calibration_conditioning=calibration_cond)  # fmt: skip
+    """Measure ``model`` on the gate's images; the reference images also calibrate τ (when
+    ``config.calibrate_fpr`` is set) and give the held-out false-positive rate."""
+    return measure_model(
+        model, images.secrets, images.secret_ids, images.reference, config, images.secret_cond,
+        images.reference_cond, save_closest_to, tau=tau, calibration_images=images.reference,
+        calibration_conditioning=images.reference_cond, unconditional=images.unconditional,
+        neighbours=images.neighbours,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- helpers
-def metadata_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per sample: sample_id, key, caption and every top-level metadata field."""
-    records = []
-    for r in rows:
-        meta = json.loads(r["metadata"] or "{}")
-        flat = {k: v for k, v in meta.items() if not isinstance(v, dict | list)}
-        records.append({**flat, "sample_id": r["sample_id"], "key": r["key"],
-                        "caption": r["caption"]})  # fmt: skip
-    return pd.DataFrame.from_records(records)
-
-
 def auto_attributes(frame: pd.DataFrame) -> list[str]:
     """Metadata columns that look like group attributes (2..MAX_AUTO_GROUPS distinct values)."""
     skip = {"sample_id", "key", "caption", "removed"}
@@ -204,80 +224,14 @@ def auto_attributes(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-def duplicate_group_of(store: LanceStore, dataset: str, group_by: GroupBy) -> dict[str, str]:
-    """Sample id → its duplicate group (from ingest's ``duplicates`` table); absent = alone."""
-    if group_by == "none" or not store.has_table("duplicates"):
-        return {}
-    column = "exact_group" if group_by == "exact" else "near_group"
-    table = store.read("duplicates", dataset, columns=["sample_id", column])
-    return dict(zip(table.column("sample_id").to_pylist(), table.column(column).to_pylist(),
-                    strict=True))  # fmt: skip
-
-
-def resolve_secrets(
-    secrets: list[str], frame: pd.DataFrame, flagged_reps: list[str]
-) -> tuple[list[str], str]:
-    """Secret sample ids from keys or ids; default: the flagged images (one per group)."""
-    if not secrets:
-        return list(flagged_reps), "flagged images"
-    by_key = dict(zip(frame["key"], frame["sample_id"], strict=True))
-    known = set(frame["sample_id"])
-    out, unknown = [], []
-    for s in secrets:
-        if s in known:
-            out.append(s)
-        elif s in by_key:
-            out.append(by_key[s])
-        else:
-            unknown.append(s)
-    if unknown:
-        raise ValueError(f"secrets not found in the dataset (keys or sample ids): {unknown[:5]}")
-    return list(dict.fromkeys(out)), "configured"
-
-
-def caption_embeddings(
-    model: DiffusionModel, frame: pd.DataFrame, ids: list[str]
-) -> torch.Tensor | None:
-    """Caption embeddings of ``ids`` for a text-conditional model (None for unconditional)."""
-    if not model.conditional:
-        return None
-    if model.text_encoder is None:
-        raise ValueError("a text-conditional model needs its text encoder (text_encoder/)")
-    caption = dict(zip(frame["sample_id"], frame["caption"], strict=True))
-    return model.text_encoder.encode([caption[i] for i in ids])
-
-
-def utility_reference(
-    store: LanceStore,
-    heldout_dataset: str | None,
-    model: DiffusionModel,
-    frame: pd.DataFrame,
-    ids: list[str],
-    pixels: torch.Tensor,
-    seed: int,
-    what: str = "training images",
-) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """Real images for FD/KID (and τ calibration): the held-out dataset when there is one, else
-    up to 1,000 seeded picks of ``ids`` (whose ``pixels`` are given). Returns the images, their
-    caption embeddings (conditional models; each image's own caption) and a description."""
-    if heldout_dataset is not None:
-        held = images_for_unet(store, heldout_dataset, model.unet)
-        ref_frame = metadata_frame(store.read(
-            "samples", heldout_dataset,
-            columns=["sample_id", "key", "caption", "metadata"]).to_pylist())  # fmt: skip
-        cond = caption_embeddings(model, ref_frame, held.sample_ids)
-        described = f"{len(held.sample_ids)} images of held-out dataset {heldout_dataset!r}"
-        return held.pixels, cond, described
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(ids), size=min(len(ids), 1000), replace=False))
-    ref_ids = [ids[i] for i in pick]
-    described = f"{len(ref_ids)} {what} (no held-out dataset)"
-    return pixels[torch.as_tensor(pick)], caption_embeddings(model, frame, ref_ids), described
-
-
 def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
     return {"mem_percent": m.mem.mem_percent, "fd": m.fd, "kid": m.kid.mean,
             "kid_std": m.kid.std}  # fmt: skip
+
+
+def needs_neighbours(config: MeasureConfig, model: DiffusionModel) -> bool:
+    """Whether the rule in force for ``model`` compares with the nearest training images."""
+    return config.policy_for(model).relative
 
 
 class _StageClock:
@@ -302,8 +256,8 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
     ws = params.workspace
     store = LanceStore(str(ws / "lancedb"))
     ledger = Ledger(ws / "ledger.duckdb")
-    if not params.model.is_dir():
-        raise FileNotFoundError(f"model directory not found: {params.model}")
+    if not params.model.exists():
+        raise FileNotFoundError(f"model not found: {params.model}")
     run_id = ledger.start_run("hygiene", dataset=params.dataset, source=str(params.model),
                               params=params.model_dump(mode="json"))  # fmt: skip
     summary = HygieneSummary(run_id=run_id, dataset=params.dataset)
@@ -312,8 +266,9 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         # 1. Score.
         if params.score_run is None:
             scored = score_flow(
-                ScoreParams(dataset=params.dataset, model=params.model, scorer=params.scorer,
-                            workspace=ws, shard_size=params.shard_size, progress=params.progress)
+                ScoreParams(dataset=params.dataset, model=params.model, load=params.load,
+                            scorer=params.scorer, geometry=params.geometry, workspace=ws,
+                            shard_size=params.shard_size, progress=params.progress)
             )  # fmt: skip
             summary.score_run = scored.run_id
         else:
@@ -374,12 +329,17 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             summary.audit_passed, summary.audit_violations = audit.passed, audit.violations
         clock.lap("audit")
 
-        # 4. Mitigate.
-        model = load_model(params.model)
-        kept_images = images_for_unet(store, params.dataset, model.unet, kept)
+        # 4. Mitigate, on what the model consumes (VAE latents are cached across runs).
+        model = load_model(params.model, options=params.load)
+        kept_inputs = load_inputs(store, params.dataset, model, kept, geometry=params.geometry)
+        summary.geometry = kept_inputs.geometry.model_dump(mode="json")
+        summary.geometry_warning = kept_inputs.geometry.warning()
+        if summary.geometry_warning:
+            log.warning("%s", summary.geometry_warning)
+        uncond = model.text_encoder.encode([""]) if model.text_encoder is not None else None
         candidate = mitigate_task(
-            quote(model), quote(kept_images.pixels), params.mitigation,
-            quote(caption_embeddings(model, frame, kept)), params.progress,
+            quote(model), quote(kept_inputs.x0), params.mitigation,
+            quote(caption_embeddings(model, frame, kept)), params.progress, quote(uncond),
         )  # fmt: skip
         out_dir = ws / "models" / f"{params.dataset}-hygiene-{run_id}"
         save_diffusion_model(candidate, out_dir)
@@ -389,33 +349,32 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         summary.candidate_model = str(out_dir)
         clock.lap("mitigate")
 
-        # 5. Gate.
+        # 5. Gate: distinct secrets, generated for once each.
         secret_ids, summary.secrets_source = resolve_secrets(
             params.secrets, frame, flagged.flagged_ids
         )
-        summary.secrets = secret_ids
         if not secret_ids:
             raise ValueError("no secret images: configure secrets or flag at least one image")
-        secrets = images_for_unet(store, params.dataset, model.unet, secret_ids).pixels
-        reference, ref_cond, summary.reference = utility_reference(
-            store, params.heldout_dataset, model, frame, kept, kept_images.pixels,
-            params.measure.seed, what="kept training images",
+        images = gate_images(
+            store, params.dataset, model, frame, secret_ids, training_ids=kept,
+            heldout_dataset=params.heldout_dataset, seed=params.measure.seed,
+            geometry=params.geometry, with_neighbours=needs_neighbours(params.measure, model),
+            what="kept training images",
         )  # fmt: skip
-        secret_cond = caption_embeddings(model, frame, secret_ids)
+        summary.secrets, summary.secret_samples = images.secret_ids, images.n_secret_samples
+        summary.reference = images.reference_described
         gate_dir = ws / "runs" / run_id / "gate"
-        before = measure_task(quote(model), quote(secrets), secret_ids, quote(reference),
-                              params.measure, quote(secret_cond), quote(ref_cond),
-                              gate_dir / "before", calibration_images=quote(reference),
-                              calibration_cond=quote(ref_cond))  # fmt: skip
+        before = measure_task(quote(model), quote(images), params.measure, gate_dir / "before")
         # One yardstick: a τ calibrated on the model before mitigation also judges the candidate.
-        summary.mem_tau = before.mem.threshold
+        summary.mem_tau, summary.mem_rule = before.mem.threshold, before.mem.metric
+        summary.guidance_scale = before.guidance_scale
         if before.calibration is not None:
             summary.mem_calibration = {**before.calibration.model_dump(mode="json"),
                                        "images": summary.reference}  # fmt: skip
         clock.lap("measure before")
-        after = measure_task(quote(candidate), quote(secrets), secret_ids, quote(reference),
-                             params.measure, quote(secret_cond), quote(ref_cond),
-                             gate_dir / "after", tau=before.mem.threshold)  # fmt: skip
+        after = measure_task(quote(candidate), quote(images), params.measure, gate_dir / "after",
+                             tau=before.mem.threshold)  # fmt: skip
+        summary.heldout_fpr = {"before": before.heldout_fpr, "after": after.heldout_fpr}
         clock.lap("measure after")
         summary.gate_images = str(gate_dir)
         summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
@@ -432,7 +391,9 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
                   "reference": summary.reference, "measure": params.measure.model_dump(mode="json"),
                   "candidate_model": summary.candidate_model,
                   "score_run": summary.score_run, "mem_tau": summary.mem_tau,
-                  "mem_calibration": summary.mem_calibration}  # fmt: skip
+                  "mem_calibration": summary.mem_calibration, "mem_rule": summary.mem_rule,
+                  "heldout_fpr": summary.heldout_fpr, "guidance_scale": summary.guidance_scale,
+                  "model_source": model.source}  # fmt: skip
         gate_rows = [c.model_dump(mode="json") for c in decision.checks]
         summary.gate_table_errors = validate_gate_table(
             pd.DataFrame([{**c, "policy_version": params.gate.version} for c in gate_rows])

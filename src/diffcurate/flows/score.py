@@ -44,6 +44,8 @@ from diffcurate.flows.progress import progress_bar
 from diffcurate.flows.sharded import DaskOptions, dask_task_runner, run_sharded, shard_tags
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import RunState, ScorerSpec, batch_units
+from diffcurate.models.images import Geometry
+from diffcurate.models.load_options import LoadOptions, files_fingerprint
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.schemas import SCORES
@@ -52,6 +54,7 @@ from diffcurate.tasks.score import (
     load_model,
     prepare_scorer,
     score_shard,
+    scoring_objective,
     sketch_shard,
     write_scores,
     write_sketches,
@@ -70,7 +73,14 @@ class ScoreParams(BaseModel):
         description="Local diffusers model directory (unet/ + scheduler/); not needed by the "
         "model-free random and clip-knn scorers.",
     )
+    load: LoadOptions = Field(
+        default_factory=LoadOptions,
+        description="How the checkpoint is held: variant, dtype, LoRA adapters, single file.",
+    )
     scorer: ScorerSpec = Field(default_factory=ScorerSpec)
+    geometry: Geometry = Field(
+        "center-crop", description="How non-square images become the model's square input."
+    )
     workspace: Path = Path("workspace")
     shard_size: int = Field(256, ge=1, description="Samples per shard (unit of commit/resume).")
     resume: bool = Field(True, description="Resume an interrupted run with the same fingerprint.")
@@ -133,21 +143,17 @@ class ScoreSummary(BaseModel):
     worker_seconds: float = Field(0.0, description="dask: shard execution time, all workers.")
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a model directory's files (path, size, mtime): cheap, and changes whenever
-    weights are rewritten. Hashing multi-GB weights on every run would cost minutes."""
-    entries = sorted(
-        (str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in model_dir.rglob("*")
-        if p.is_file()
-    )
-    return hashlib.sha256(json.dumps([str(model_dir.resolve()), entries]).encode()).hexdigest()
+def model_fingerprint(model_dir: Path, options: LoadOptions | None = None) -> str:
+    """Identity of the files a model is loaded from (see :func:`files_fingerprint`)."""
+    return files_fingerprint(model_dir, options)
 
 
 def run_fingerprint(params: ScoreParams) -> str:
     spec = params.scorer.fingerprint_payload()
-    model = "none" if params.model is None else model_fingerprint(params.model)
+    model = "none" if params.model is None else model_fingerprint(params.model, params.load)
     payload = {"dataset": params.dataset, "model": model, "spec": spec}
+    if params.geometry != "center-crop":  # run identities from before the option stay valid
+        payload["geometry"] = params.geometry
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -221,10 +227,13 @@ def _score_distributed(
         outcome = run_sharded(
             runner=runner, store=store, dataset=params.dataset, run_id=run_id, shards=shards,
             model_dir=model_dir,
-            model_fingerprint="" if model_dir is None else model_fingerprint(Path(model_dir)),
+            model_fingerprint=(
+                "" if model_dir is None else model_fingerprint(Path(model_dir), params.load)
+            ),
             spec=params.scorer, state_path=state_path,
             tags=shard_tags(params.scorer, params.tags), retries=params.shard_retries,
-            max_rounds=params.max_rounds, log=log, on_shard=on_shard,
+            max_rounds=params.max_rounds, log=log, on_shard=on_shard, load=params.load,
+            geometry=params.geometry,
         )  # fmt: skip
     # Rows this run added: a shard whose worker died after its commit wrote rows that no
     # completed task reports, so count them in the table rather than summing the reports.
@@ -251,8 +260,8 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
     ledger = Ledger(params.workspace / "ledger.duckdb")
     spec = params.scorer
     # 1. Run identity.
-    if params.model is not None and not params.model.is_dir():
-        raise FileNotFoundError(f"model directory not found: {params.model}")
+    if params.model is not None and not params.model.exists():
+        raise FileNotFoundError(f"model not found: {params.model}")
     fingerprint = run_fingerprint(params)
     run_id = ledger.resumable_run("score", fingerprint) if params.resume else None
     resumed = run_id is not None
@@ -277,10 +286,8 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         # 2. Model.
         model = None
         if params.model is not None and spec.uses_model:
-            model = load_model(params.model, spec)
-            summary.timesteps = list(
-                spec.objective(model.scheduler, model.vae).schedule.timesteps or ()
-            )
+            model = load_model(params.model, spec, params.load)
+            summary.timesteps = list(scoring_objective(spec, model).schedule.timesteps or ())
         # 3. Work list.
         ids = sorted(
             store.read("samples", params.dataset, columns=["sample_id"])
@@ -308,7 +315,8 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         state = None
         if shards and spec.is_risk:
             t0 = time.perf_counter()
-            state = prepare_scorer(store, params.dataset, quote(ids), quote(model), spec, cache_dir)
+            state = prepare_scorer(store, params.dataset, quote(ids), quote(model), spec, cache_dir,
+                                   params.geometry)  # fmt: skip
             summary.state_seconds = round(time.perf_counter() - t0, 3)
             summary.fit_size = 0 if state.fit is None else len(state.fit.keys)
         # 5. Shards.
@@ -321,16 +329,16 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
             for shard in shards:
                 if sketches is not None:
                     assert model is not None
-                    values = sketch_shard(store, params.dataset, quote(shard), quote(model), spec)
+                    values = sketch_shard(store, params.dataset, quote(shard), quote(model), spec,
+                                          params.geometry)  # fmt: skip
                     summary.scored += write_sketches(
                         sketches, run_id, params.dataset, quote(shard), quote(values),
                         summary.timesteps,
                     )  # fmt: skip
                     summary.method = f"dmin/sketch{spec.dmin.sketch_dim}/{spec.dmin.noise}-noise"
                 else:
-                    result = score_shard(
-                        store, params.dataset, quote(shard), quote(model), spec, quote(state)
-                    )
+                    result = score_shard(store, params.dataset, quote(shard), quote(model), spec,
+                                         quote(state), params.geometry)  # fmt: skip
                     summary.scored += write_scores(
                         store, quote(_rows(result, run_id, params.dataset, spec.signal))
                     )

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.influence.registry import ScorerSpec
+from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.tasks.shards import ShardReport, score_and_write_shard
 
@@ -172,12 +173,16 @@ def run_sharded(
     max_rounds: int,
     log: Any,
     on_shard: Callable[[int], None] = lambda n: None,
+    load: LoadOptions | None = None,
+    geometry: str = "center-crop",
 ) -> ShardedOutcome:
     """Map ``score-write-shard`` over ``shards`` on ``runner`` until every sample is scored once.
 
     Args:
         runner: A started (entered) Prefect task runner, normally a ``DaskTaskRunner``.
         on_shard: Called with a shard's size when it completes (progress).
+        load: How the workers load the checkpoint (variant, dtype, LoRA, single file).
+        geometry: How the workers turn images into the model's square input.
     """
     import distributed
 
@@ -198,6 +203,7 @@ def run_sharded(
                 "lancedb_uri": store.uri, "dataset": dataset, "run_id": run_id,
                 "sample_ids": shards[k], "model_dir": model_dir,
                 "model_fingerprint": model_fingerprint, "spec": spec, "state_path": state_path,
+                "load": load, "geometry": geometry,
             }  # fmt: skip
             futures[runner.submit(task, parameters=parameters).wrapped_future] = k
         failed: list[BaseException] = []

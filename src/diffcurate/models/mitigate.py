@@ -10,7 +10,10 @@
   the gold standard of "the model that never saw these images", affordable for small models
   and benchmarks.
 
-Neither modifies the input model: both work on a deep copy.
+Both work on what the model consumes (:mod:`diffcurate.models.inputs`): pixels, or VAE latents
+with caption states for latent text-to-image pipelines, where the VAE and text encoder stay
+frozen and captions are dropped with ``caption_dropout`` so the candidate keeps classifier-free
+guidance. Neither modifies the input model: both work on a deep copy.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class MitigationConfig(BaseModel):
         retrain_steps: Optimiser steps when retraining.
         retrain_lr: Learning rate when retraining.
         batch_size: Images per step.
+        caption_dropout: Text-conditional models: share of captions replaced by the empty
+            caption in each step (SD's 0.1), so guidance keeps working on the candidate.
         seed: Seeds data order and noise (and the fresh initialisation when retraining).
         device: ``cpu`` or ``cuda``.
     """
@@ -48,6 +53,7 @@ class MitigationConfig(BaseModel):
     retrain_steps: int = Field(3000, ge=1)
     retrain_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
 
@@ -77,14 +83,17 @@ def mitigate(
     config: MitigationConfig | None = None,
     conditioning: torch.Tensor | None = None,
     progress: bool = False,
+    unconditional: torch.Tensor | None = None,
 ) -> tuple[DiffusionModel, TrainResult]:
     """Produce the candidate model from the pruned training images.
 
     Args:
         model: The released model (left unchanged).
-        pruned_images: ``[N, C, H, W]`` kept images in [-1, 1].
+        pruned_images: ``x0`` of the kept samples in diffusion space (pixels in [-1, 1], or VAE
+            latents for latent models).
         config: Method and hyper-parameters.
         conditioning: Caption embeddings aligned with ``pruned_images`` (conditional models).
+        unconditional: The empty caption's states (conditional models; caption dropout).
         progress: Show a progress bar.
 
     Returns:
@@ -104,15 +113,20 @@ def mitigate(
             text_encoder=model.text_encoder,
         )
         lr = config.lr
+    dropout = (
+        config.caption_dropout if conditioning is not None and unconditional is not None else 0
+    )
     train_config = TrainConfig(
         steps=config.steps_for(len(pruned_images)),
         batch_size=config.batch_size,
         lr=lr,
         seed=config.seed,
         log_every=0,
+        caption_dropout=dropout,
         device=config.device,
     )
     result = train(
-        candidate, pruned_images, train_config, progress=progress, conditioning=conditioning
-    )
+        candidate, pruned_images, train_config, progress=progress, conditioning=conditioning,
+        unconditional=unconditional,
+    )  # fmt: skip
     return candidate, result

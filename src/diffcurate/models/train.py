@@ -13,7 +13,14 @@ restored anyway, for dropout) is untouched by the draws. Together with the saved
 this makes "train to k, stop, resume to n" give the same weights as "train to n" bit for bit on
 the same device and thread count.
 
-Checkpoints are complete diffusers model directories (``step-00000100/unet``, ``scheduler``)
+Latent text-to-image models train on what their UNet consumes: VAE latents (computed once,
+:mod:`diffcurate.models.inputs`) and the text encoder's caption states; the VAE and the text
+encoder stay frozen, as in Stable Diffusion training. With ``caption_dropout`` p, each training
+row's caption is replaced by the empty caption with probability p (keyed by step), which is what
+makes classifier-free guidance possible at sampling time (SD trains with p = 0.1).
+
+Checkpoints are complete diffusers model directories (``step-00000100/unet``, ``scheduler``,
+and for text-to-image pipelines ``vae``, ``text_encoder``, ``tokenizer``, ``model_index.json``)
 plus ``training_state.pt``, written to a temporary directory and renamed into place, so a run
 killed mid-save leaves the previous checkpoint as the latest valid one.
 """
@@ -44,7 +51,15 @@ log = logging.getLogger(__name__)
 TRAINING_STATE = "training_state.pt"
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
 # Changing these between a checkpoint and its resumption would change the trajectory.
-_TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "seed", "grad_clip")
+_TRAJECTORY_FIELDS = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "grad_clip",
+    "caption_dropout",
+    "warmup_steps",
+)
 
 
 class TrainConfig(BaseModel):
@@ -64,6 +79,9 @@ class TrainConfig(BaseModel):
             saved when a checkpoint directory is given); None: only the final one.
         keep_checkpoints: How many of the most recent checkpoints to keep.
         grad_clip: Clip the global gradient norm to this (None: no clipping).
+        caption_dropout: Probability that a row's caption is replaced by the empty caption
+            (text-conditional models; needs the unconditional states). 0 disables it.
+        warmup_steps: Linear learning-rate warm-up from 0 over this many steps (0: none).
         device: ``cpu`` or ``cuda``.
     """
 
@@ -78,6 +96,8 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0)
     device: Literal["cpu", "cuda"] = "cpu"
 
 
@@ -119,10 +139,10 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _fingerprint(images: torch.Tensor, conditioning: torch.Tensor | None) -> str:
+def _fingerprint(images: torch.Tensor, *conditioning: torch.Tensor | None) -> str:
     """sha256 of the training data, so a checkpoint is never resumed on different data."""
     digest = hashlib.sha256()
-    for tensor in (images, conditioning):
+    for tensor in (images, *conditioning):
         if tensor is not None:
             cpu = tensor.detach().to("cpu").contiguous()
             digest.update(str((tuple(cpu.shape), cpu.dtype)).encode())
@@ -163,7 +183,11 @@ def _save_checkpoint(
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_diffusion_model(DiffusionModel(unet=model.unet, scheduler=model.scheduler), tmp)
+    save_diffusion_model(
+        DiffusionModel(unet=model.unet, scheduler=model.scheduler, vae=model.vae,
+                       text_encoder=model.text_encoder),
+        tmp,
+    )  # fmt: skip
     torch.save(state, tmp / TRAINING_STATE)
     if final.exists():  # a stale, state-less leftover of a crash between save and rename
         shutil.rmtree(final)
@@ -179,10 +203,11 @@ def _save_checkpoint(
 def _check_resumable(
     saved: dict[str, Any], config: TrainConfig, fingerprint: str, ck: Path
 ) -> None:
+    defaults = TrainConfig(steps=1).model_dump()  # fields older checkpoints did not record
     changed = [
-        f"{name}: {saved['config'][name]!r} -> {getattr(config, name)!r}"
+        f"{name}: {saved['config'].get(name, defaults[name])!r} -> {getattr(config, name)!r}"
         for name in _TRAJECTORY_FIELDS
-        if saved["config"].get(name) != getattr(config, name)
+        if saved["config"].get(name, defaults[name]) != getattr(config, name)
     ]
     if changed:
         raise ValueError(f"cannot resume from {ck}: config changed ({'; '.join(changed)})")
@@ -215,14 +240,17 @@ def train(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     conditioning: torch.Tensor | None = None,
+    unconditional: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model.unet`` in place with the DDPM objective.
 
     Args:
-        model: A pixel-space model (no VAE); its scheduler defines T and ε/v prediction.
-        images: ``[N, C, H, W]`` in [-1, 1] matching ``model.sample_shape`` (see
-            :mod:`diffcurate.models.images`). Kept where they are; each batch is moved to the
-            device and cast to the model's dtype.
+        model: The model; its scheduler defines T and ε/v prediction. A latent model's VAE and
+            text encoder are not trained.
+        images: ``x0`` in diffusion space, ``[N, *model.sample_shape]``: pixels in [-1, 1] for
+            pixel-space models, VAE latents for latent models (both from
+            :func:`diffcurate.models.inputs.load_inputs`). Kept where they are; each batch is
+            moved to the device and cast to the model's dtype.
         config: Training settings.
         checkpoint_dir: Where checkpoints go. If it holds one already, training resumes from
             the latest (its weights replace ``model.unet``'s) after checking the data and the
@@ -230,6 +258,8 @@ def train(
         progress: Show a rich progress bar when stderr is a terminal.
         conditioning: ``encoder_hidden_states`` ``[N, seq, dim]`` aligned with ``images``;
             required for ``UNet2DConditionModel``, refused otherwise.
+        unconditional: The empty caption's states ``[1, seq, dim]``; required when
+            ``config.caption_dropout`` > 0.
 
     Returns:
         A :class:`TrainResult`; the model is left in eval mode.
@@ -240,17 +270,21 @@ def train(
         FloatingPointError: The loss became NaN or infinite (the last checkpoint survives).
     """
     started = time.perf_counter()
-    if model.vae is not None:
-        raise ValueError("training latent-diffusion models (with a VAE) is not supported")
     if tuple(images.shape[1:]) != model.sample_shape or images.ndim != 4:
+        space = "latents" if model.vae is not None else "images"
         raise ValueError(
-            f"images have shape {tuple(images.shape)}, model expects [N, {model.sample_shape}]"
+            f"{space} have shape {tuple(images.shape)}, model expects [N, {model.sample_shape}]"
         )
     if model.conditional != (conditioning is not None):
         need = "needs" if model.conditional else "takes no"
         raise ValueError(f"{type(model.unet).__name__} {need} conditioning")
     if conditioning is not None and conditioning.shape[0] != images.shape[0]:
         raise ValueError("conditioning must have one row per image")
+    if config.caption_dropout > 0:
+        if conditioning is None or unconditional is None:
+            raise ValueError("caption_dropout needs conditioning and the unconditional states")
+        if tuple(unconditional.shape[-2:]) != tuple(conditioning.shape[-2:]):
+            raise ValueError("unconditional states must have the conditioning's [seq, dim]")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device is 'cuda' but no CUDA device is available")
     device = torch.device(config.device)
@@ -261,7 +295,8 @@ def train(
     unet = model.unet.to(device)
     dtype = next(unet.parameters()).dtype  # float64 models train in float64
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    fingerprint = _fingerprint(images, conditioning)
+    dropout_uncond = unconditional if config.caption_dropout > 0 else None
+    fingerprint = _fingerprint(images, conditioning, dropout_uncond)
 
     start, losses, last_ck = 0, [], None
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -292,7 +327,21 @@ def train(
             eps, t = eps.to(device=device, dtype=dtype), t.to(device)
             kwargs = {}
             if conditioning is not None:
-                kwargs["encoder_hidden_states"] = conditioning[idx].to(device=device, dtype=dtype)
+                cond = conditioning[idx]
+                if dropout_uncond is not None:
+                    drop_gen = keyed_generator(config.seed, "train", "caption-dropout", step)
+                    drop = (
+                        torch.rand(config.batch_size, generator=drop_gen) < config.caption_dropout
+                    )
+                    cond = torch.where(
+                        drop[:, None, None],
+                        dropout_uncond.reshape(1, *cond.shape[1:]).to(cond),
+                        cond,
+                    )
+                kwargs["encoder_hidden_states"] = cond.to(device=device, dtype=dtype)
+            if config.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
             out = unet(objective.noisy(x0, t, eps), t, **kwargs).sample
             loss = F.mse_loss(out.float(), objective.target(x0, t, eps).float())
             if not torch.isfinite(loss):

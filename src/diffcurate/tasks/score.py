@@ -16,7 +16,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from diffcurate.influence.objective import ScoreResult
+from diffcurate.influence.objective import DiffusionObjective, ScoreResult
 from diffcurate.influence.registry import (
     CONDITIONAL_ONLY,
     FIT_SET,
@@ -30,8 +30,10 @@ from diffcurate.influence.registry import (
     score_keys,
     sketch_function,
 )
-from diffcurate.models.diffusion import DiffusionModel, ModelLoadError, load_diffusion_model
-from diffcurate.models.images import decode_sample, prepare_image
+from diffcurate.models.diffusion import DiffusionModel, ModelLoadError
+from diffcurate.models.images import Geometry
+from diffcurate.models.inputs import ModelInputs, load_inputs
+from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.sketches import SketchStore
 
@@ -40,14 +42,17 @@ class MissingEmbeddingsError(ValueError):
     """``clip-knn`` was asked to score a dataset ingested without CLIP embeddings."""
 
 
-def load_model(path: Path, spec: ScorerSpec | None = None) -> DiffusionModel:
+def load_model(
+    path: Path, spec: ScorerSpec | None = None, options: LoadOptions | None = None
+) -> DiffusionModel:
     """Load the model to score, refusing combinations that cannot be scored.
 
     A text-conditional UNet is scored on its samples' captions, embedded by the pipeline's own
     text encoder, so its directory must ship ``text_encoder/`` and ``tokenizer/``. Signals that
     are defined only for conditional models (``cond-gap``) refuse unconditional ones.
+    ``options`` say how the checkpoint is held (variant, dtype, LoRA, single file).
     """
-    model = load_diffusion_model(path)
+    model = (options or LoadOptions()).load(path)
     if model.conditional and model.text_encoder is None:
         raise ModelLoadError(
             f"{path} holds a text-conditional UNet but no text_encoder/ and tokenizer/: scoring "
@@ -63,43 +68,35 @@ def load_model(path: Path, spec: ScorerSpec | None = None) -> DiffusionModel:
 
 
 def pixel_shape(model: DiffusionModel) -> tuple[int, int]:
-    """(channels, side) of the images the model is trained on: its sample size in pixel space,
-    or the latent size times the VAE's downsampling factor in latent space."""
-    channels, side, _ = model.sample_shape
-    if model.vae is None:
-        return channels, side
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return int(model.vae.config.in_channels), side * factor
+    """(channels, side) of the images the model is trained on (see :class:`ModelInputs`)."""
+    inputs = ModelInputs.of(model)
+    return inputs.pixel_channels, inputs.pixel_size
+
+
+def scoring_objective(spec: ScorerSpec, model: DiffusionModel) -> DiffusionObjective:
+    """The objective a shard is scored with. Inputs arrive already in diffusion space (cached
+    VAE latents for latent models, :func:`load_images`), so the objective encodes nothing."""
+    return spec.objective(model.scheduler, None)
 
 
 def load_images(
-    store: LanceStore, dataset: str, sample_ids: Sequence[str], model: DiffusionModel
+    store: LanceStore,
+    dataset: str,
+    sample_ids: Sequence[str],
+    model: DiffusionModel,
+    geometry: Geometry = "center-crop",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``sample_ids``' images converted for ``model`` (in that order), and for a
-    text-conditional model their caption embeddings and the empty caption's."""
-    table = store.read(
-        "samples",
-        dataset,
-        columns=["sample_id", "image", "caption"],
-        where={"sample_id": list(sample_ids)},
-    )
-    rows = {r["sample_id"]: r for r in table.to_pylist()}
-    missing = [i for i in sample_ids if i not in rows]
-    if missing:
-        raise KeyError(f"samples not found in {dataset!r}: {missing[:5]}")
-    channels, size = pixel_shape(model)
-    images = torch.from_numpy(
-        np.stack(
-            [prepare_image(decode_sample(rows[i]["image"], i), channels, size) for i in sample_ids]
-        )
-    )
+    """``sample_ids``' inputs in diffusion space (pixels, or VAE latents from the latent cache)
+    in that order, and for a text-conditional model their caption embeddings and the empty
+    caption's."""
+    prepared = load_inputs(store, dataset, model, list(sample_ids), geometry=geometry)
     cond = uncond = None
     if model.conditional:
         if model.text_encoder is None:
             raise ModelLoadError("a text-conditional model needs its text encoder to be scored")
-        cond = model.text_encoder.encode([rows[i]["caption"] or "" for i in sample_ids])
+        cond = model.text_encoder.encode([c or "" for c in prepared.captions])
         uncond = model.text_encoder.encode([""])
-    return images, cond, uncond
+    return prepared.x0, cond, uncond
 
 
 def load_embeddings(store: LanceStore, dataset: str, secrets: Sequence[str] = ()) -> EmbeddingState:
@@ -152,6 +149,7 @@ def prepare_scorer(
     model: DiffusionModel | None,
     spec: ScorerSpec,
     cache_dir: Path,
+    geometry: Geometry = "center-crop",
 ) -> RunState:
     """The run's dataset-level state, computed once before the shards (see
     :func:`~diffcurate.influence.registry.prepare_state`): the fit set for ``ekfac``/``bif``/
@@ -162,9 +160,9 @@ def prepare_scorer(
     if spec.signal in FIT_SET:
         assert model is not None
         fit_ids = fit_sample(sample_ids, spec.fit_size, spec.seed)
-        images, cond, _ = load_images(store, dataset, fit_ids, model)
+        images, cond, _ = load_images(store, dataset, fit_ids, model, geometry)
         fit = FitSet(images=images, keys=tuple(fit_ids), n_dataset=len(sample_ids), cond=cond)
-        objective = spec.objective(model.scheduler, model.vae)
+        objective = scoring_objective(spec, model)
     if spec.signal == "clip-knn":
         embeddings = load_embeddings(store, dataset, spec.clip_knn.secrets)
     return prepare_state(
@@ -180,6 +178,7 @@ def score_shard(
     model: DiffusionModel | None,
     spec: ScorerSpec,
     state: RunState | None = None,
+    geometry: Geometry = "center-crop",
 ) -> ScoreResult:
     """Load one shard's images (in ``sample_ids`` order) and compute the signal on them.
 
@@ -190,8 +189,8 @@ def score_shard(
     if not spec.uses_model:
         return score_keys(spec, list(sample_ids), state)
     assert model is not None
-    images, cond, uncond = load_images(store, dataset, sample_ids, model)
-    objective = spec.objective(model.scheduler, model.vae)
+    images, cond, uncond = load_images(store, dataset, sample_ids, model, geometry)
+    objective = scoring_objective(spec, model)
     return score_function(spec, state)(
         objective, model.unet, images, list(sample_ids), cond, uncond
     )
@@ -204,10 +203,11 @@ def sketch_shard(
     sample_ids: Sequence[str],
     model: DiffusionModel,
     spec: ScorerSpec,
+    geometry: Geometry = "center-crop",
 ) -> np.ndarray:
     """``dmin``: ``[n, T, v]`` gradient sketches of one shard (in ``sample_ids`` order)."""
-    images, cond, _ = load_images(store, dataset, sample_ids, model)
-    objective = spec.objective(model.scheduler, model.vae)
+    images, cond, _ = load_images(store, dataset, sample_ids, model, geometry)
+    objective = scoring_objective(spec, model)
     return sketch_function(spec)(objective, model.unet, images, list(sample_ids), cond)
 
 

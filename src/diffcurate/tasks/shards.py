@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from diffcurate.influence.registry import RunState, ScorerSpec
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.load_options import LoadOptions, files_fingerprint
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.tasks.score import load_model, score_shard
 
@@ -73,20 +74,20 @@ def _cached_state(path: str) -> RunState:
         return _states[path]
 
 
-def _cached_model(path: str, fingerprint: str, spec: ScorerSpec) -> DiffusionModel:
-    from diffcurate.flows.score import model_fingerprint
-
+def _cached_model(
+    path: str, fingerprint: str, spec: ScorerSpec, load: LoadOptions | None = None
+) -> DiffusionModel:
     key = (path, fingerprint)
     with _lock:
         if key not in _models:
-            found = model_fingerprint(Path(path))
+            found = files_fingerprint(Path(path), load)
             if found != fingerprint:
                 raise ModelChangedError(
                     f"the files of {path} changed since this scoring run started (or this "
                     "worker sees another copy): re-run to start a new run"
                 )
             _models.clear()  # one model per worker process at a time
-            _models[key] = load_model(Path(path), spec)
+            _models[key] = load_model(Path(path), spec, load)
         return _models[key]
 
 
@@ -105,6 +106,8 @@ def score_and_write_shard(
     model_fingerprint: str,
     spec: ScorerSpec,
     state_path: str | None,
+    load: LoadOptions | None = None,
+    geometry: str = "center-crop",
 ) -> ShardReport:
     """Score one shard and merge its ``scores`` rows; skip it when every row is already there."""
     from diffcurate.flows.score import _rows
@@ -120,11 +123,11 @@ def score_and_write_shard(
         return ShardReport(len(ids), 0, True, started, time.time(), worker)
     model = None
     if model_dir is not None and spec.uses_model:
-        model = _cached_model(model_dir, model_fingerprint, spec)
+        model = _cached_model(model_dir, model_fingerprint, spec, load)
     state = None if state_path is None else _cached_state(state_path)
     # The whole shard is recomputed (a global-hessian shard is made of whole minibatches),
     # and the merge inserts only the rows that are missing.
-    result = score_shard.fn(store, dataset, ids, model, spec, state)
+    result = score_shard.fn(store, dataset, ids, model, spec, state, geometry)  # type: ignore[arg-type]
     written = store.insert_new("scores", _rows(result, run_id, dataset, spec.signal))
     return ShardReport(len(ids), written, False, started, time.time(), worker, result.method,
                        tuple(result.layer_names))  # fmt: skip
