@@ -9,8 +9,14 @@ DEMO_CORPUS ?= workspace/demo-corpus
 DEMO_STEPS ?= 2000
 DEMO_MODEL := workspace/models/digits-digits-8px/checkpoints/step-$(shell printf '%08d' $(DEMO_STEPS))
 PYTEST_ARGS ?=
+# The text-to-image demo: sd-tiny (VAE + CLIP text encoder + cross-attention UNet) on photo crops.
+T2I_CORPUS ?= workspace/photos-corpus
+T2I_VAE_STEPS ?= 600
+T2I_STEPS ?= 3000
+T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
+T2I_SCORER ?= trace
 
-.PHONY: setup test test-all demo bench-table1 bench-lds lint format clean
+.PHONY: setup test test-all demo demo-t2i bench-table1 bench-lds bench-t2i lint format clean
 
 setup: $(STAMP)
 
@@ -39,6 +45,19 @@ demo: setup
 		--heldout-dataset digits-heldout --generations 1024 --mem-calibrate-fpr 0.05 \
 		--mitigation retrain --retrain-steps $(DEMO_STEPS) || test $$? -eq 1
 
+# The same loop on a latent text-to-image pipeline: the gate prompts each distinct secret's
+# caption under guidance and judges reconstructions by the relative rule, calibrated on held-out
+# crops. Exit 1 (a gate failed) is a result, as for `make demo`.
+demo-t2i: setup
+	$(DC) demo-corpus $(T2I_CORPUS) --kind photos --format webdataset
+	$(DC) ingest $(T2I_CORPUS)/shards --dataset photos
+	$(DC) ingest $(T2I_CORPUS)/heldout/shards --dataset photos-heldout
+	$(DC) train --dataset photos --arch sd-tiny --vae-steps $(T2I_VAE_STEPS) --steps $(T2I_STEPS)
+	$(DC) run --dataset photos --model $(T2I_MODEL) --scorer $(T2I_SCORER) --fraction 0.02 \
+		--secrets $(T2I_CORPUS)/planted.json --heldout-dataset photos-heldout \
+		--generations 256 --generations-per-secret 4 --guidance-scale 5 --inference-steps 25 \
+		--mem-calibrate-fpr 0.05 --mitigation finetune --epochs 2 --lr 1e-4 || test $$? -eq 1
+
 # The evaluation benchmarks (issue: evaluation harness), one command each; BENCH_ARGS passes
 # flags (e.g. BENCH_ARGS="--seeds 3" or "--device cuda"). table1 writes md/csv/png under
 # workspace/benchmarks/table1; lds prints its tables.
@@ -49,6 +68,9 @@ bench-table1: setup
 
 bench-lds: setup
 	$(PY) benchmarks/lds.py $(BENCH_ARGS)
+
+bench-t2i: setup
+	$(PY) benchmarks/t2i.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -200,7 +200,8 @@ def test_run_command_prints_gates_and_creates_a_candidate(tmp_path, digit_files)
                  "-w", ws)  # fmt: skip
     assert res.exit_code in (0, 1), res.output
     for expected in ("Mem%", "FD", "KID", "gate decision", "digits-candidate-1", "stroke",
-                     "2 (configured)", "closest generation per secret", "mitigate "):  # fmt: skip
+                     "2 distinct images", "(configured)", "closest generation per secret",
+                     "mitigate "):  # fmt: skip
         assert expected in res.output, expected
     releases = [r["tag"] for r in Ledger(ws / "ledger.duckdb").releases("digits")]
     assert releases == ["digits-candidate-1"]

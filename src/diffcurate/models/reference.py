@@ -202,7 +202,7 @@ def reference_model(
         return REFERENCE_PIPELINES[name](seed, scheduler)
     if name not in REFERENCE_ARCHITECTURES:
         known = ", ".join(reference_names())
-        raise KeyError(f"unknown reference model {name!r}; known: {known}")
+        raise KeyError(f"unknown reference architecture {name!r}; known: {known}")
     unet = reference_architecture(name).build(seed)
     sched = (scheduler or SchedulerConfig()).build()
     return DiffusionModel(unet=unet, scheduler=sched, vae=None, path=None)
