@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # The text-to-image demo: sd-tiny (VAE + CLIP text encoder + cross-attention UNet) on photo crops.
 T2I_CORPUS ?= workspace/photos-corpus
 T2I_VAE_STEPS ?= 600
-T2I_STEPS ?= 3000
+T2I_STEPS ?= 2000
+T2I_BATCH ?= 32
 T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
 T2I_SCORER ?= trace
 
@@ -52,10 +53,11 @@ demo-t2i: setup
 	$(DC) demo-corpus $(T2I_CORPUS) --kind photos --format webdataset
 	$(DC) ingest $(T2I_CORPUS)/shards --dataset photos
 	$(DC) ingest $(T2I_CORPUS)/heldout/shards --dataset photos-heldout
-	$(DC) train --dataset photos --arch sd-tiny --vae-steps $(T2I_VAE_STEPS) --steps $(T2I_STEPS)
+	$(DC) train --dataset photos --arch sd-tiny --vae-steps $(T2I_VAE_STEPS) --steps $(T2I_STEPS) \
+		--batch-size $(T2I_BATCH)
 	$(DC) run --dataset photos --model $(T2I_MODEL) --scorer $(T2I_SCORER) --fraction 0.02 \
 		--secrets $(T2I_CORPUS)/planted.json --heldout-dataset photos-heldout \
-		--generations 256 --generations-per-secret 4 --guidance-scale 5 --inference-steps 25 \
+		--generations 256 --generations-per-secret 4 --guidance-scale 3 --inference-steps 25 \
 		--mem-calibrate-fpr 0.05 --mitigation finetune --epochs 2 --lr 1e-4 || test $$? -eq 1
 
 # The evaluation benchmarks (issue: evaluation harness), one command each; BENCH_ARGS passes

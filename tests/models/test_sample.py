@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -133,9 +133,13 @@ def test_latent_model_decodes_with_the_vae():
     vae = tiny_vae(seed=2).float()
     vae.config.scaling_factor = 0.5  # non-trivial scaling must be undone before decoding
     unet = arch.build(seed=1)
-    pixel = DiffusionModel(unet=unet, scheduler=model_sched())
     latent = DiffusionModel(unet=unet, scheduler=model_sched(), vae=vae)
-    latents = generate(pixel, 2, seed=1, num_inference_steps=5)
+    latents = generate(latent, 2, seed=1, num_inference_steps=5, decode=False)
+    assert latents.shape == (2, 1, 4, 4) and latents.abs().max() > 1  # never clipped
+    # The same denoising as a pixel model whose sampler does not clip x0 either.
+    unclipped = DDPMScheduler.from_config(model_sched().config, clip_sample=False)
+    pixel = DiffusionModel(unet=unet, scheduler=unclipped)
+    assert torch.equal(generate(pixel, 2, seed=1, num_inference_steps=5), latents.clamp(-1, 1))
     images = generate(latent, 2, seed=1, num_inference_steps=5)
     assert images.shape == (2, 1, 8, 8)
     with torch.no_grad():
@@ -178,3 +182,17 @@ def test_model_trained_on_one_image_regurgitates_it():
     to_target, to_others = dist[:, 0], dist[:, 1:].min(dim=1).values
     assert (to_target < to_others).all(), (to_target, to_others)
     assert to_target.median() < 0.7 * to_others.median()
+
+
+def test_latent_models_are_sampled_without_x0_clipping():
+    from diffcurate.models.sample import _sampler
+    from tiny_unets import scheduler as pixel_scheduler
+    from tiny_unets import tiny_unet, tiny_vae
+
+    pixel = DiffusionModel(unet=tiny_unet(), scheduler=pixel_scheduler())
+    latent = DiffusionModel(unet=tiny_unet(), scheduler=pixel_scheduler(), vae=tiny_vae())
+    assert pixel.scheduler.config.clip_sample is True
+    for kind in ("ddim", "ddpm"):
+        assert _sampler(pixel, kind).config.clip_sample is True
+        assert _sampler(latent, kind).config.clip_sample is False
+    assert latent.scheduler.config.clip_sample is True  # the caller's scheduler is untouched

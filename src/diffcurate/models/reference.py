@@ -114,14 +114,16 @@ class SchedulerConfig(BaseModel):
     beta_end: float = Field(0.02, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
-    def build(self) -> DDPMScheduler:
-        """A ``DDPMScheduler`` with this schedule."""
+    def build(self, clip_sample: bool = True) -> DDPMScheduler:
+        """A ``DDPMScheduler`` with this schedule (``clip_sample``: clip predicted x0 to
+        [-1, 1] when sampling, right for pixels, wrong for latents)."""
         return DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
             prediction_type=self.prediction_type,
+            clip_sample=clip_sample,
         )
 
 

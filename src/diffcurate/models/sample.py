@@ -38,10 +38,14 @@ Sampler = Literal["ddpm", "ddim"]
 
 
 def _sampler(model: DiffusionModel, kind: Sampler) -> DDPMScheduler | DDIMScheduler:
+    """A fresh sampler from the model's schedule. Latent models never clip the predicted x0
+    to [-1, 1]: latents are unit-variance, not bounded, and clipping them (diffusers' DDPM
+    default, right for pixels) pulls every generation away from the training latents."""
+    extra = {"clip_sample": False} if model.vae is not None else {}
     if kind == "ddpm":
-        return DDPMScheduler.from_config(model.scheduler.config)
+        return DDPMScheduler.from_config(model.scheduler.config, **extra)
     if kind == "ddim":
-        return DDIMScheduler.from_config(model.scheduler.config)
+        return DDIMScheduler.from_config(model.scheduler.config, **extra)
     raise ValueError(f"unknown sampler {kind!r}; use 'ddpm' or 'ddim'")
 
 
@@ -59,6 +63,7 @@ def generate(
     eta: float = 0.0,
     guidance_scale: float = 1.0,
     unconditional: torch.Tensor | None = None,
+    decode: bool = True,
 ) -> torch.Tensor:
     """Generate ``n`` images.
 
@@ -77,10 +82,11 @@ def generate(
             ``unconditional`` unless it is 1). 1 is plain conditional sampling, bit for bit.
         unconditional: The empty caption's ``encoder_hidden_states``, ``[1, seq, dim]`` (shared
             by all images) or ``[n, seq, dim]``; ignored when ``guidance_scale`` is 1.
+        decode: Latent models: False returns the raw latents (unclamped) instead of images.
 
     Returns:
         float32 ``[n, C, H, W]`` images in [-1, 1] on the CPU (decoded by the VAE when the
-        model has one).
+        model has one), or a latent model's latents with ``decode=False``.
 
     Raises:
         ValueError: Conditioning missing for a conditional model (or given to an unconditional
@@ -127,6 +133,9 @@ def generate(
                 pred = unet(x_in, t, **kwargs).sample
             step_kwargs = {"eta": eta} if sampler == "ddim" else {}
             x = scheduler.step(pred, t, x, generator=gens, **step_kwargs).prev_sample
+        if model.vae is not None and not decode:
+            out.append(x.float().cpu())
+            continue
         if model.vae is not None:
             x = decode_latents(model, x)
         out.append(x.float().clamp(-1, 1).cpu())

@@ -122,7 +122,8 @@ def build_sd_tiny(seed: int = 0, scheduler: SchedulerConfig | None = None) -> Di
         unet = build_unet()
     return DiffusionModel(
         unet=unet,
-        scheduler=(scheduler or SchedulerConfig()).build(),
+        # Latents are not bounded to [-1, 1]: no x0 clipping (Stable Diffusion's setting).
+        scheduler=(scheduler or SchedulerConfig()).build(clip_sample=False),
         vae=vae,
         path=None,
         text_encoder=text_encoder,
