@@ -141,3 +141,56 @@ def test_float64_model_trains_in_float64_close_to_float32():
     w32, w64 = weights(m32), weights(m64)
     # Adam moves each weight by up to ~lr per step (5 x 3e-3 here); precision changes 1e-4 of it.
     assert max((w64[k] - w32[k].double()).abs().max().item() for k in w32) < 1e-3
+
+
+def _cond_model(seed: int = 0) -> DiffusionModel:
+    from tiny_unets import scheduler
+
+    return DiffusionModel(unet=tiny_cond_unet(seed).float(), scheduler=scheduler())
+
+
+def _captions(n: int, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 3, 6), generator=gen)
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_one_on_keyed_rows():
+    x, cond = digits(8), _captions(8)
+    config = CFG.model_copy(update={"steps": 6, "caption_dropout": 0.5})
+    # When the empty caption equals every caption, dropping is a no-op: bit-identical weights.
+    same_caption = cond[:1].expand(8, -1, -1).contiguous()
+    a, b = _cond_model(), _cond_model()
+    train(a, x, config, progress=False, conditioning=same_caption, unconditional=cond[:1])
+    train(b, x, config.model_copy(update={"caption_dropout": 0.0}), progress=False,
+          conditioning=same_caption)  # fmt: skip
+    assert same(weights(a), weights(b))
+    # With real captions, dropout changes the trajectory, deterministically.
+    c, d, e = _cond_model(), _cond_model(), _cond_model()
+    uncond = torch.zeros(1, 3, 6)
+    train(c, x, config, progress=False, conditioning=cond, unconditional=uncond)
+    train(d, x, config, progress=False, conditioning=cond, unconditional=uncond)
+    train(e, x, config.model_copy(update={"caption_dropout": 0.0}), progress=False,
+          conditioning=cond)  # fmt: skip
+    assert same(weights(c), weights(d)) and not same(weights(c), weights(e))
+    with pytest.raises(ValueError, match="unconditional"):
+        train(_cond_model(), x, config, progress=False, conditioning=cond)
+
+
+def test_a_latent_model_trains_its_unet_on_latents_and_leaves_the_vae_alone():
+    from diffcurate.models.inputs import encode_pixels
+    from tiny_unets import scheduler, tiny_vae
+
+    vae = tiny_vae(seed=1).float()
+    unet = reference_model("tiny", seed=0).unet
+    unet.register_to_config(sample_size=4)
+    model = DiffusionModel(unet=type(unet).from_config(unet.config), scheduler=scheduler(),
+                           vae=vae)  # fmt: skip
+    before_vae = {k: v.clone() for k, v in vae.state_dict().items()}
+    before_unet = weights(model)
+    latents = encode_pixels(model, digits(8))
+    assert latents.shape == (8, 1, 4, 4)
+    with pytest.raises(ValueError, match="latents have shape"):
+        train(model, digits(8), CFG, progress=False)  # pixels where latents belong
+    train(model, latents, CFG.model_copy(update={"steps": 3}), progress=False)
+    assert not same(weights(model), before_unet)
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in before_vae.items())
