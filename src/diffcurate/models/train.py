@@ -215,21 +215,22 @@ def _check_resumable(
         raise ValueError(f"cannot resume from {ck}: it was trained on different images")
 
 
-def _progress_bar(enabled: bool, total: int, completed: int) -> Any:
-    """A rich progress bar on stderr when it is an interactive terminal, else None."""
+def progress_bar(enabled: bool, total: int, completed: int = 0, label: str = "train") -> Any:
+    """A rich progress bar (steps and loss) on stderr when it is an interactive terminal, else
+    None; shared by every training loop."""
     if not (enabled and sys.stderr.isatty()):
         return None
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
-        TextColumn("train"),
+        TextColumn(label),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
-    bar.add_task("train", total=total, completed=completed, loss=float("nan"))
+    bar.add_task(label, total=total, completed=completed, loss=float("nan"))
     return bar
 
 
@@ -313,7 +314,7 @@ def train(
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
 
-    bar = _progress_bar(progress, config.steps, start)
+    bar = progress_bar(progress, config.steps, start)
     unet.train()
     try:
         if bar is not None:

@@ -22,10 +22,9 @@ variance (SD's 0.18215 was measured the same way on its own data).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from diffusers import AutoencoderKL
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.influence.objective import keyed_generator
+from diffcurate.models.train import progress_bar
 
 
 class VAEConfig(BaseModel):
@@ -159,24 +159,6 @@ def _step(
     return loss.item()
 
 
-def _progress_bar(enabled: bool, total: int) -> Any:
-    """A rich progress bar on stderr when it is an interactive terminal, else None."""
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("vae"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    bar.add_task("vae", total=total, loss=float("nan"))
-    return bar
-
-
 def train_vae(
     vae: AutoencoderKL, pixels: torch.Tensor, config: VAEConfig, progress: bool = False
 ) -> VAEResult:
@@ -205,7 +187,7 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
     per_image = math.prod(pixels.shape[1:])
     losses: list[float] = []
-    bar = _progress_bar(progress, config.steps)
+    bar = progress_bar(progress, config.steps, label="vae")
     if bar is not None:
         bar.start()
     vae.train()
