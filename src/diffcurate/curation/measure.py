@@ -20,8 +20,9 @@ distance and threshold); ``auto``, the default, applies the rule below by model 
   global default) or a τ calibrated on held-out images;
 * latent text-to-image models (VAE decoder): ``relative_tiled_l2`` with ``neighbours`` = the
   training images and, per secret, its copies among them excluded. A VAE's reconstruction floor
-  (closest generation to a reproduced secret 0.09-0.125 tiled L2 on a small latent pipeline)
-  lies above a τ tuned on digits, so an absolute rule reads 0 there; the relative distance
+  (every decoded generation is blurred; on sd-tiny a reproduced secret's closest generation lies
+  0.03-0.15 tiled L2 away, depending on the VAE and the secret) can lie above a τ tuned on
+  digits, so an absolute rule can read 0 there; the relative distance
   divides by the generation's distance to its nearest training images, which the floor lifts
   too. δ is 0.8 by default, better calibrated on held-out images (``calibrate_fpr``).
 

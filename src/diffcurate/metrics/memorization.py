@@ -64,7 +64,7 @@ inspecting CIFAR-10 extractions), measured with alpha = 0.5, n = 50 and tiled L2
 copies under a latent model's floor and distinct images. Distinct: 300 held-out digits judged
 against 300 generations that are training digits (neighbours: 1,000 training digits) have their
 smallest ratio at 0.87 (1.3% fall below 1.0). Copies: digits mixed 0.6/0.4 with their 3x3 box
-blur (absolute tiled distance 0.085-0.12 from themselves, the 0.09-0.125 floor measured on a
+blur (absolute tiled distance 0.085-0.12 from themselves, the floor a user's trial measured on a
 small latent pipeline) score 0.58-0.80 against 395 training digits, and copies with Gaussian
 noise of sigma 0.05 at most 0.61; 32x32 crops of scikit-image photos blurred by a Gaussian of
 sigma 0.8 (absolute 0.03-0.12) score 0.23-0.66. Limits: over the first 600 digits, a digit's
