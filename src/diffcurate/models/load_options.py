@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model
+from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, parse_dtype
 from diffcurate.models.errors import ModelLoadError
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
@@ -50,7 +50,7 @@ class LoadOptions(BaseModel):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The dtype as a torch dtype (None: keep the saved one)."""
-        return None if self.dtype is None else getattr(torch, self.dtype)
+        return parse_dtype(self.dtype)
 
     def check_device(self, device: str) -> None:
         """Half precision is for CUDA: CPU kernels for fp16 training/sampling are missing or
