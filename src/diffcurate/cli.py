@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from diffcurate.config import Settings, load_settings
+from diffcurate.config import Settings, apply_threads, load_settings
 from diffcurate.dashboards.cli import serve, users_app
 from diffcurate.deploy_cli import deploy_app
 from diffcurate.release_cli import release_app
@@ -121,6 +121,7 @@ def _settings(workspace: Path | None) -> Settings:
         err.print(f"[red]error:[/red] invalid configuration:\n{e}")
         raise typer.Exit(2) from e
     settings.workspace.mkdir(parents=True, exist_ok=True)
+    apply_threads(settings.threads)
     # Prefect's ephemeral mode keeps its state in PREFECT_HOME: keep it inside the workspace.
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -11,6 +11,7 @@ archived or deleted as a unit.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +99,15 @@ class Settings(BaseSettings):
     )
 
     workspace: Path = Field(Path("workspace"), description="Directory holding all run state.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "torch/OpenMP threads of each diffcurate process (DIFFCURATE_THREADS). Unset: "
+            "torch's default, one per core. Set 1 when other jobs share the cores: OpenMP "
+            "threads spinning against another process slow every step."
+        ),
+    )
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
 
@@ -138,6 +148,21 @@ class Settings(BaseSettings):
     @property
     def prefect_home(self) -> Path:
         return self.workspace / ".prefect"
+
+
+def apply_threads(threads: int | None) -> None:
+    """Pin torch's intra-op and OpenMP threads to ``threads`` (None leaves the defaults).
+
+    The environment variables reach subprocesses and a torch imported later; a torch already
+    imported is set directly.
+    """
+    if threads is None:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def load_settings(workspace: Path | None = None) -> Settings:
