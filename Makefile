@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # The text-to-image demo: sd-tiny (VAE + CLIP text encoder + cross-attention UNet) on photo crops.
 T2I_CORPUS ?= workspace/photos-corpus
 T2I_VAE_STEPS ?= 600
-T2I_STEPS ?= 2000
+T2I_STEPS ?= 1500
 T2I_BATCH ?= 32
 T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
 T2I_SCORER ?= trace
@@ -47,8 +47,9 @@ demo: setup
 		--mitigation retrain --retrain-steps $(DEMO_STEPS) || test $$? -eq 1
 
 # The same loop on a latent text-to-image pipeline: the gate prompts each distinct secret's
-# caption under guidance and judges reconstructions by the relative rule, calibrated on held-out
-# crops. Exit 1 (a gate failed) is a result, as for `make demo`.
+# caption under guidance and judges reconstructions by the relative rule (default delta), with
+# the held-out crops' false-positive rate reported. Exit 1 (a gate failed) is a result, as for
+# `make demo`.
 demo-t2i: setup
 	$(DC) demo-corpus $(T2I_CORPUS) --kind photos --format webdataset
 	$(DC) ingest $(T2I_CORPUS)/shards --dataset photos
@@ -57,8 +58,8 @@ demo-t2i: setup
 		--batch-size $(T2I_BATCH)
 	$(DC) run --dataset photos --model $(T2I_MODEL) --scorer $(T2I_SCORER) --fraction 0.02 \
 		--secrets $(T2I_CORPUS)/planted.json --heldout-dataset photos-heldout \
-		--generations 256 --generations-per-secret 4 --guidance-scale 3 --inference-steps 25 \
-		--mem-calibrate-fpr 0.05 --mitigation finetune --epochs 2 --lr 1e-4 || test $$? -eq 1
+		--generations 256 --generations-per-secret 8 --guidance-scale 3 --inference-steps 10 \
+		--mitigation finetune --epochs 2 --lr 1e-4 || test $$? -eq 1
 
 # The evaluation benchmarks (issue: evaluation harness), one command each; BENCH_ARGS passes
 # flags (e.g. BENCH_ARGS="--seeds 3" or "--device cuda"). table1 writes md/csv/png under
