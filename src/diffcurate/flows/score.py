@@ -30,25 +30,22 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from prefect import flow, get_run_logger, tags
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffcurate.flows.progress import progress_bar
 from diffcurate.flows.sharded import DaskOptions, dask_task_runner, run_sharded, shard_tags
-from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import RunState, ScorerSpec, batch_units
 from diffcurate.models.images import Geometry
 from diffcurate.models.load_options import LoadOptions, files_fingerprint
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
-from diffcurate.storage.schemas import SCORES
+from diffcurate.storage.scores import score_rows
 from diffcurate.storage.sketches import SKETCH_TABLE, SketchStore
 from diffcurate.tasks.score import (
     load_model,
@@ -155,31 +152,6 @@ def run_fingerprint(params: ScoreParams) -> str:
     if params.geometry != "center-crop":  # run identities from before the option stay valid
         payload["geometry"] = params.geometry
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _rows(result: ScoreResult, run_id: str, dataset: str, signal: str) -> pa.Table:
-    n = len(result.sample_keys)
-    now = datetime.now(UTC)
-
-    def lists(parts: np.ndarray | None) -> list[list[float] | None]:
-        return [None] * n if parts is None else [row.tolist() for row in parts]
-
-    return pa.table(
-        {
-            "score_id": [f"{run_id}/{k}" for k in result.sample_keys],
-            "run_id": [run_id] * n,
-            "dataset": [dataset] * n,
-            "sample_id": [str(k) for k in result.sample_keys],
-            "signal": [signal] * n,
-            "score": result.score.astype(np.float64),
-            "stderr": result.stderr.astype(np.float64),
-            "per_layer": lists(result.per_layer),
-            "per_timestep": lists(result.per_timestep),
-            "method": [result.method] * n,
-            "scored_at": [now] * n,
-        },
-        schema=SCORES,
-    )
 
 
 def shards_of(units: list[list[str]], shard_size: int) -> list[list[str]]:
@@ -340,7 +312,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                     result = score_shard(store, params.dataset, quote(shard), quote(model), spec,
                                          quote(state), params.geometry)  # fmt: skip
                     summary.scored += write_scores(
-                        store, quote(_rows(result, run_id, params.dataset, spec.signal))
+                        store, quote(score_rows(result, run_id, params.dataset, spec.signal))
                     )
                     summary.method = result.method
                     summary.layer_names = list(result.layer_names)

@@ -25,13 +25,13 @@ Schedulers are DDPM with the original paper's linear betas (1e-4 → 0.02 over 1
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.schedule import SchedulerConfig
 
 
 class UNetArchitecture(BaseModel):
@@ -93,38 +93,6 @@ class UNetArchitecture(BaseModel):
                 norm_num_groups=self.norm_num_groups,
                 attention_head_dim=self.attention_head_dim,
             )
-
-
-class SchedulerConfig(BaseModel):
-    """The DDPM noise schedule (the forward process every loss and sampler shares).
-
-    Attributes:
-        num_train_timesteps: T; training draws t uniformly from ``[0, T)``.
-        beta_schedule: diffusers beta schedule name (linear as in Ho et al. 2020).
-        beta_start: β_1.
-        beta_end: β_T.
-        prediction_type: What the network predicts: the noise ε or the velocity v.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_train_timesteps: int = Field(1000, ge=1)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    beta_start: float = Field(1e-4, gt=0)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-
-    def build(self, clip_sample: bool = True) -> DDPMScheduler:
-        """A ``DDPMScheduler`` with this schedule (``clip_sample``: clip predicted x0 to
-        [-1, 1] when sampling, right for pixels, wrong for latents)."""
-        return DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            prediction_type=self.prediction_type,
-            clip_sample=clip_sample,
-        )
 
 
 REFERENCE_ARCHITECTURES: dict[str, UNetArchitecture] = {

@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from diffcurate.influence.objective import keyed_seed
 from diffcurate.models.diffusion import DiffusionModel
-from diffcurate.models.reference import SchedulerConfig
+from diffcurate.models.schedule import SchedulerConfig
 from diffcurate.models.text_encoder import TextEncoder
 from diffcurate.models.tokenizer import build_tokenizer
 

@@ -31,6 +31,7 @@ from diffcurate.influence.registry import RunState, ScorerSpec
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.load_options import LoadOptions, files_fingerprint
 from diffcurate.storage.lance_store import LanceStore
+from diffcurate.storage.scores import score_rows
 from diffcurate.tasks.score import load_model, score_shard
 
 _lock = threading.Lock()
@@ -110,8 +111,6 @@ def score_and_write_shard(
     geometry: str = "center-crop",
 ) -> ShardReport:
     """Score one shard and merge its ``scores`` rows; skip it when every row is already there."""
-    from diffcurate.flows.score import _rows
-
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     store = LanceStore(lancedb_uri)
@@ -128,6 +127,6 @@ def score_and_write_shard(
     # The whole shard is recomputed (a global-hessian shard is made of whole minibatches),
     # and the merge inserts only the rows that are missing.
     result = score_shard.fn(store, dataset, ids, model, spec, state, geometry)  # type: ignore[arg-type]
-    written = store.insert_new("scores", _rows(result, run_id, dataset, spec.signal))
+    written = store.insert_new("scores", score_rows(result, run_id, dataset, spec.signal))
     return ShardReport(len(ids), written, False, started, time.time(), worker, result.method,
                        tuple(result.layer_names))  # fmt: skip
