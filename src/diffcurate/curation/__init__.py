@@ -1,5 +1,7 @@
-"""Curation decisions: which samples to remove (:mod:`.flag`) and whether a pruned candidate may
-go forward for approval (:mod:`.gate`).
+"""Curation decisions: which samples to remove (:mod:`.flag`), whether a pruned candidate may
+go forward for approval (:mod:`.gate`), and approving or rejecting it (:mod:`.approval`).
 
-Pure functions over scores and measured results; the flows persist their inputs and outputs.
+``flag`` and ``gate`` are pure functions over scores and measured results (the flows persist
+their inputs and outputs); ``approval`` is the one service both the CLI and the dashboard call
+to record a decision.
 """

@@ -3,7 +3,7 @@
 Pages (any logged-in user): runs, run detail (score histogram, per-layer plot, flagged grid),
 audit, gates, releases, release detail. Actions (POST, each with a :func:`~.security.Policy`):
 reviewer marks keep/remove; approver approves or rejects through
-:mod:`diffcurate.storage.releases`, exactly as ``diffcurate release approve|reject`` does.
+:mod:`diffcurate.curation.approval`, the service ``diffcurate release approve|reject`` calls.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffcurate.curation import approval
 from diffcurate.dashboards import plots
 from diffcurate.dashboards.data import DashboardData, NotFound
 from diffcurate.dashboards.security import (
@@ -62,6 +63,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+# HTTP status of each kind of refusal of the approval service.
+REFUSED_STATUS = {"not_found": 404, "invalid": 400, "forbidden": 403, "conflict": 409}
 _NEXT = re.compile(r"^/(runs|releases)(/[A-Za-z0-9_.-]+)*/?(\?page=[0-9]{1,6})?$")
 
 RunId = Annotated[str, PathParam(pattern=RUN_ID)]
@@ -361,39 +364,24 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
         form = request.state.form
         comment = form.get("comment", "").strip()[:4000]
         reason = form.get("override_reason", "").strip()[:4000]
-        if not comment:
-            raise HTTPException(400, "say why you approve: the comment is required")
         with data.lock:
-            row = _open_candidate(data, tag)
-            failed = _failed_checks(row["manifest"])
-            if failed and not reason:
-                raise HTTPException(
-                    409, f"{tag} failed {', '.join(failed)}: approving it needs an override "
-                    "reason, which is recorded")  # fmt: skip
-            text = f"{comment} | override reason: {reason}" if failed else comment
             try:
-                newer = reviews.apply_marks(data.store, data.ledger, tag, session.user.name)
-                target = newer.tag if newer is not None else tag
-                rel.approve(data.store, data.ledger, target, session.user.name, text,
-                            role=session.user.role, override=bool(failed))  # fmt: skip
-            except (rel.ReleaseError, reviews.ReviewError) as e:
-                raise HTTPException(409, str(e)) from e
-        return RedirectResponse(f"/releases/{target}?done=approved", status_code=303)
+                done = approval.approve(data.store, data.ledger, tag, session.user.name, comment,
+                                        override_reason=reason)  # fmt: skip
+            except approval.ApprovalRefused as e:
+                raise HTTPException(REFUSED_STATUS[e.reason], str(e)) from e
+        return RedirectResponse(f"/releases/{done.approved}?done=approved", status_code=303)
 
     @app.post("/releases/{tag}/reject", openapi_extra=Policy("approver"))
     def reject(
         request: Request, tag: Tag, session: Annotated[Session, Depends(guard("approver"))]
     ) -> Response:
         comment = request.state.form.get("comment", "").strip()[:4000]
-        if not comment:
-            raise HTTPException(400, "say why you reject: the comment is required")
         with data.lock:
-            _open_candidate(data, tag)
             try:
-                rel.reject(data.store, data.ledger, tag, session.user.name, comment,
-                           role=session.user.role)  # fmt: skip
-            except rel.ReleaseError as e:
-                raise HTTPException(409, str(e)) from e
+                approval.reject(data.store, data.ledger, tag, session.user.name, comment)
+            except approval.ApprovalRefused as e:
+                raise HTTPException(REFUSED_STATUS[e.reason], str(e)) from e
         return RedirectResponse(f"/releases/{tag}?done=rejected", status_code=303)
 
     @app.get("/healthz")
@@ -477,30 +465,12 @@ def _gate_chart_ref(check: dict[str, Any]) -> tuple[float | None, str] | None:
     return None, ""
 
 
-def _failed_checks(manifest: dict[str, Any]) -> list[str]:
-    failed = []
-    if manifest.get("gate_passed") is False:
-        failed.append("its gates")
-    audit = manifest.get("audit")
-    if isinstance(audit, dict) and audit.get("passed") is False:
-        failed.append("its fairness audit")
-    return failed
-
-
 def _open_candidate(data: DashboardData, tag: str) -> dict[str, Any]:
-    """The ledger row of a candidate that can still be marked and decided, else an HTTP error."""
+    """The ledger row of a candidate that can still be marked, else an HTTP error."""
     try:
-        row = data.candidate(tag)
-    except NotFound:
-        raise HTTPException(404, f"no candidate tagged {tag}") from None
-    if row["kind"] != "candidate":
-        raise HTTPException(409, f"{tag} is a release; decisions are taken on candidates")
-    status = rel.show(data.ledger, tag).status
-    if status != "pending":
-        raise HTTPException(409, f"{tag} is already {status}; a candidate is decided once")
-    if (newer := reviews.superseded_by(data.ledger, tag)) is not None:
-        raise HTTPException(409, f"{tag} was superseded by {newer}; decide on that one")
-    return row
+        return approval.pending_candidate(data.ledger, tag)
+    except approval.ApprovalRefused as e:
+        raise HTTPException(REFUSED_STATUS[e.reason], str(e)) from e
 
 
 def _has_gate_image(data: DashboardData, run: dict[str, Any], phase: str, sid: str) -> bool:
@@ -542,7 +512,7 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
         "marks": marks,
         "effective": reviews.effective_marks(marks),
         "superseded_by": newer,
-        "failed": _failed_checks(manifest),
+        "failed": approval.failed_checks(manifest),
         "pending_changes": changes,
         "candidate_open": info.kind == "candidate" and info.status == "pending" and not newer,
         "released_as": release_of,

@@ -17,7 +17,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,51 @@ class Ledger:
                 [decision_id, tag, action, actor, role, comment, _now()],
             )
         return decision_id
+
+    def record_approval(
+        self,
+        candidate: str,
+        *,
+        actor: str,
+        role: str,
+        comment: str,
+        override: bool,
+        release: dict[str, Any],
+    ) -> None:
+        """Record an approval in one transaction: the ``override`` decision (when given), the
+        ``approve`` decision on ``candidate`` and the release row (``release``: the keyword
+        arguments of :meth:`record_release`, less ``kind``).
+
+        One transaction, so a crash leaves either all three rows or none: the candidate is
+        never "approved" without its release row, and a retry finds it still pending.
+        """
+        if not actor.strip() or not role.strip():
+            raise ValueError("a decision needs an actor and a role")
+        now = _now()
+        actions = (["override"] if override else []) + ["approve"]
+        try:
+            with self._connect() as con:
+                con.begin()
+                try:
+                    for i, action in enumerate(actions):  # distinct times keep their order
+                        con.execute(
+                            "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [f"decision-{uuid.uuid4().hex}", candidate, action, actor, role,
+                             comment, now + timedelta(microseconds=i)],
+                        )  # fmt: skip
+                    r = release
+                    con.execute(
+                        "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [r["tag"], r["dataset"], int(r["n"]), "release", r["lance_table"],
+                         int(r["lance_version"]), int(r["n_kept"]), int(r["n_removed"]),
+                         _json(r["manifest"]), now, r["created_by"]],
+                    )  # fmt: skip
+                    con.commit()
+                except BaseException:
+                    con.rollback()
+                    raise
+        except duckdb.ConstraintException as e:
+            raise ValueError(f"release {release['tag']!r} is already recorded: {e}") from e
 
     def decisions(self, tag: str | None = None) -> list[dict[str, Any]]:
         """Decisions (on one tag, or all), oldest first."""

@@ -309,19 +309,35 @@ def approve(
             f"candidate's {version}; tags are never moved"
         )
     # else: an approval interrupted after tagging this very version; finish recording it.
-    if override:
-        ledger.record_decision(tag, action="override", actor=actor, role=role, comment=comment)
-    ledger.record_decision(tag, action="approve", actor=actor, role=role, comment=comment)
     manifest = {
         **row["manifest"], "tag": final, "candidate": tag, "approved_by": actor,
         "approval_comment": comment, "override": override,
     }  # fmt: skip
-    ledger.record_release(
-        tag=final, dataset=dataset, n=n, kind="release", lance_table=row["lance_table"],
-        lance_version=version, n_kept=row["n_kept"], n_removed=row["n_removed"],
-        manifest=manifest, created_by=actor,
+    # The decisions and the release row go in one transaction: all or nothing.
+    ledger.record_approval(
+        tag, actor=actor, role=role, comment=comment, override=override,
+        release={"tag": final, "dataset": dataset, "n": n, "lance_table": row["lance_table"],
+                 "lance_version": version, "n_kept": row["n_kept"],
+                 "n_removed": row["n_removed"], "manifest": manifest, "created_by": actor},
     )  # fmt: skip
     return show(ledger, final)
+
+
+def interrupted_approval(store: LanceStore, ledger: Ledger, tag: str) -> str | None:
+    """The release tag Lance holds for a still-pending candidate, if any.
+
+    Approval creates the Lance release tag first and then records the decision and release row
+    in one ledger transaction; a crash between the two leaves exactly this state. Approving the
+    candidate again completes it (:func:`approve` accepts a release tag already at the
+    candidate's version); nothing else may happen to the candidate meanwhile.
+    """
+    row = _row(ledger, tag)
+    if row["kind"] != "candidate" or _status("candidate", ledger.decisions(tag)) != "pending":
+        return None
+    if row["lance_table"] not in store.db.list_tables().tables:
+        return None
+    final = release_tag(row["dataset"], int(row["n"]))
+    return final if final in _lance_tags(store.db.open_table(row["lance_table"])) else None
 
 
 def reject(
@@ -417,9 +433,15 @@ def _checked_out(store: LanceStore, row: dict[str, Any]):
 
 def verify(store: LanceStore, ledger: Ledger, tag: str) -> None:
     """Check a tag against the ledger: the Lance tag exists, points at the recorded version,
-    and that version holds exactly the manifest's kept ids. Raises ReleaseIntegrityError."""
+    that version holds exactly the manifest's kept ids, and (for a candidate) no approval was
+    left half-done (see :func:`interrupted_approval`). Raises ReleaseIntegrityError."""
     row = _row(ledger, tag)
     ds = _checked_out(store, row)
+    if (final := interrupted_approval(store, ledger, tag)) is not None:
+        raise ReleaseIntegrityError(
+            f"interrupted approval: Lance holds {final!r} but the ledger records no approval "
+            f"of {tag!r}; approve {tag!r} again to complete it"
+        )
     ids = ds.to_table(columns=["sample_id"])["sample_id"].to_pylist()
     if sorted(ids) != manifest_ids(ledger, tag)["kept"]:
         raise ReleaseIntegrityError(f"{tag!r}: the tagged rows differ from the manifest")
