@@ -584,7 +584,21 @@ def bif_risk(
         sgld_keys=sgld_keys,
         sgld_cond=sgld_cond,
     )
-    variance, stderr = risk_from_traces(traces.train)
+    return risk_result(objective, traces.train, sample_keys, config)
+
+
+def risk_result(
+    objective: DiffusionObjective,
+    traces: np.ndarray,
+    sample_keys: Sequence[SampleKey],
+    config: BIFConfig,
+) -> ScoreResult:
+    """The risk :class:`ScoreResult` of ``[C, T, n]`` loss traces, however they were evaluated.
+
+    One constructor for :func:`bif_risk` and the corpus paths (stored or replayed states), so
+    their results are comparable field by field.
+    """
+    variance, stderr = risk_from_traces(traces)
     return ScoreResult(
         sample_keys=tuple(sample_keys),
         score=variance,

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcurate.influence.bif import BIFConfig, risk_from_traces, sgld_chains
+from diffcurate.influence.bif import BIFConfig, risk_result, sgld_chains
 from diffcurate.influence.objective import (
     DTYPES,
     DiffusionObjective,
@@ -70,6 +70,18 @@ class PosteriorDraws:
     def states(self) -> np.ndarray:
         """The ``[C·T, d]`` states, memory-mapped read-only."""
         return np.load(self.path / STATES, mmap_mode="r")
+
+    def disk_bytes(self) -> int:
+        """Bytes on disk that every worker reads: C·T·d numbers plus the small diagnostics."""
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def memory_bytes(self) -> int:
+        """Worker memory the state adds to the model's working copy: one state row of d numbers.
+
+        The memory-mapped file's pages are the OS page cache, shared by a host's workers.
+        """
+        states = self.states()
+        return int(states.shape[1] * states.dtype.itemsize)
 
     @classmethod
     def record(
@@ -165,16 +177,5 @@ class PosteriorDraws:
         cond: torch.Tensor | None = None,
     ) -> ScoreResult:
         """Posterior loss variance per sample, as :func:`~diffcurate.influence.bif.bif_risk`."""
-        variance, stderr = risk_from_traces(
-            self.traces(objective, model, images, sample_keys, cond)
-        )
-        return ScoreResult(
-            sample_keys=tuple(sample_keys),
-            score=variance,
-            stderr=stderr,
-            per_layer=None,
-            layer_names=(),
-            per_timestep=None,
-            timesteps=objective.schedule.timesteps,
-            method=f"bif/posterior-loss-variance/sgld-{self.config.gradient_draws}",
-        )
+        traces = self.traces(objective, model, images, sample_keys, cond)
+        return risk_result(objective, traces, sample_keys, self.config)

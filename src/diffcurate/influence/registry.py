@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffcurate.influence.bif import BIFConfig
 from diffcurate.influence.bif_draws import PosteriorDraws
+from diffcurate.influence.bif_replay import ReplayedDraws
 from diffcurate.influence.clip_knn import ClipKNNConfig, clip_knn_risk
 from diffcurate.influence.cond_gap import CondGapConfig, cond_gap_scores, sampler_timesteps
 from diffcurate.influence.data_space import DivergenceConfig, divergence_scores
@@ -138,9 +139,18 @@ class EKFACOptions(BaseModel):
 
 
 class BIFOptions(BaseModel):
-    """``bif`` options (see :class:`~diffcurate.influence.bif.BIFConfig`)."""
+    """``bif`` options (see :class:`~diffcurate.influence.bif.BIFConfig`).
+
+    ``states``: how shards get the posterior states. ``"stored"`` records all C·T states once
+    (:class:`~diffcurate.influence.bif_draws.PosteriorDraws`, C·T·d numbers on disk);
+    ``"replay"`` stores only their digests and each shard replays the chains
+    (:class:`~diffcurate.influence.bif_replay.ReplayedDraws`, disk independent of d, one chain
+    replay per shard). Same numbers either way (replay verifies every state), so the choice is
+    not part of a run's identity. Default ``"replay"``: see ``benchmarks/results/bif_storage.md``.
+    """
 
     model_config = _OPTS
+    states: Literal["stored", "replay"] = "replay"
     step_size: float = Field(_default(BIFConfig, "step_size"), gt=0)
     localization: float = Field(_default(BIFConfig, "localization"), ge=0)
     nbeta: float = Field(_default(BIFConfig, "nbeta"), ge=0)
@@ -224,8 +234,9 @@ OPTION_FIELDS: dict[str, str] = {
     "dmin": "dmin",
 }
 """Signal → the :class:`ScorerSpec` field holding its options."""
-MEMORY_ONLY: frozenset[str] = frozenset({"projection_cache"})
-"""Options that trade memory for time and change no number (not part of a run's identity)."""
+MEMORY_ONLY: frozenset[str] = frozenset({"projection_cache", "states"})
+"""Options that trade memory (or disk) for time and change no number (not part of a run's
+identity)."""
 
 
 class ScorerSpec(BaseModel):
@@ -355,7 +366,7 @@ class ScorerSpec(BaseModel):
 
     @property
     def bif_config(self) -> BIFConfig:
-        return BIFConfig(**self.bif.model_dump(), **self._common())
+        return BIFConfig(**self.bif.model_dump(exclude={"states"}), **self._common())
 
     @property
     def trak_config(self) -> TRAKConfig:
@@ -463,15 +474,39 @@ class RunState:
             named by fingerprints of everything they depend on.
         trak_kernel: ``trak``/``d-trak``: the fit set's ΦᵀΦ scaled by n_dataset / n_fit, an
             unbiased estimate of the corpus kernel (exact when the fit set is the dataset).
-        posterior: ``bif``: the recorded SGLD states.
+        posterior: ``bif``: the recorded SGLD states, or the digests the shards replay them to.
         embeddings: ``clip-knn``: reference and secret embeddings.
     """
 
     fit: FitSet | None = None
     cache_dir: Path | None = None
     trak_kernel: np.ndarray | None = None
-    posterior: PosteriorDraws | None = None
+    posterior: PosteriorDraws | ReplayedDraws | None = None
     embeddings: EmbeddingState | None = None
+
+    def shared_bytes(self) -> tuple[int, int]:
+        """``(disk, memory)`` bytes of the state every worker loads, beyond the model itself.
+
+        Disk: the tensors of ``state.pt`` (fit set, kernel, embeddings) plus the BIF record's
+        files. Memory: the same tensors plus what the BIF path holds while scoring (one state
+        row for stored states; w*, gradients, noise and the SGLD set's draws for a replay).
+        EK-FAC factor files are not counted.
+        """
+        tensors = 0
+        if self.fit is not None:
+            tensors += self.fit.images.nbytes
+            tensors += 0 if self.fit.cond is None else self.fit.cond.nbytes
+        if self.trak_kernel is not None:
+            tensors += self.trak_kernel.nbytes
+        if self.embeddings is not None:
+            tensors += self.embeddings.reference.nbytes
+            tensors += 0 if self.embeddings.secrets is None else self.embeddings.secrets.nbytes
+        if self.posterior is None:
+            return tensors, tensors
+        return (
+            tensors + self.posterior.disk_bytes(),
+            tensors + self.posterior.memory_bytes(),
+        )
 
 
 def _digest(*parts: object) -> str:
@@ -508,8 +543,9 @@ def prepare_state(
 
     ``ekfac``: the factors of ``fit``, fitted here and cached under ``cache_dir/ekfac`` by
     kronfluence's fingerprint (every shard, and later runs with the same inputs, reuse them).
-    ``trak``: projected gradients of the fit set → kernel. ``bif``: the chains, recorded under
-    ``cache_dir/bif/<fingerprint>``.
+    ``trak``: projected gradients of the fit set → kernel. ``bif``: the chains, run once here;
+    their states (``bif.states="stored"``) or only their digests (``"replay"``) are kept under
+    ``cache_dir/bif/<fingerprint>`` or ``cache_dir/bif-replay/<fingerprint>``.
     """
     cache = None if cache_dir is None else Path(cache_dir)
     if spec.signal in FIT_SET:
@@ -547,8 +583,10 @@ def prepare_state(
             objective.vae is not None,
             config.model_dump(),
         )
-        posterior = PosteriorDraws.record(
-            objective, model, fit.images, fit.keys, config, cache / "bif" / name, fit.cond
+        record = PosteriorDraws.record if spec.bif.states == "stored" else ReplayedDraws.record
+        folder = "bif" if spec.bif.states == "stored" else "bif-replay"
+        posterior = record(
+            objective, model, fit.images, fit.keys, config, cache / folder / name, fit.cond
         )
     return RunState(
         fit=fit, cache_dir=cache, trak_kernel=kernel, posterior=posterior, embeddings=embeddings
