@@ -117,11 +117,12 @@ def test_ekfac_rows_equal_a_direct_call_and_do_not_depend_on_shards(ws):
     assert len(list((ws / "cache" / "ekfac").glob("*/factors_*"))) == 1
 
 
-def test_bif_rows_equal_a_direct_call_with_the_same_sgld_set(ws):
+@pytest.mark.parametrize("states", ["stored", "replay"])
+def test_bif_rows_equal_a_direct_call_with_the_same_sgld_set(ws, states):
     ws, model_dir = ws
     spec = ScorerSpec(
         signal="bif", dtype="float64", fit_size=FIT, draws_per_timestep=1,
-        bif=BIFOptions(chains=2, draws=6, batch_size=4, step_size=1e-4),
+        bif=BIFOptions(chains=2, draws=6, batch_size=4, step_size=1e-4, states=states),
     )  # fmt: skip
     summary = run(ws, spec, model_dir, shard_size=8, resume=False)
     assert summary.scored == N and summary.method.startswith("bif/posterior-loss-variance")
@@ -136,13 +137,21 @@ def test_bif_rows_equal_a_direct_call_with_the_same_sgld_set(ws):
     assert_rows_equal(got, ids, want, rtol=1e-9)
     np.testing.assert_allclose([got[i]["stderr"] for i in ids], want.stderr, rtol=1e-9)
     assert np.ptp(want.score) > 0
-    # The chains were recorded once, on disk, and reused by a second run.
-    states = list((ws / "cache" / "bif").glob("*/states.npy"))
-    assert len(states) == 1 and np.load(states[0]).shape[0] == 2 * 6
+    # The chains were recorded once (states, or only their digests) and reused by a second run.
+    folder, name = ("bif", "states.npy") if states == "stored" else ("bif-replay", "digests.npy")
+    files = list((ws / "cache" / folder).glob(f"*/{name}"))
+    assert len(files) == 1 and np.load(files[0]).shape[0] == 2 * 6
     again = rows_of(ws, run(ws, spec, model_dir, shard_size=N, resume=False).run_id)
     assert all((again[i]["score"], again[i]["stderr"]) == (got[i]["score"], got[i]["stderr"])
                for i in ids)  # fmt: skip
-    assert len(list((ws / "cache" / "bif").glob("*/states.npy"))) == 1
+    assert len(list((ws / "cache" / folder).glob(f"*/{name}"))) == 1
+    # The ledger records the shared state's size: C·T·d numbers only when states are stored.
+    stats = Ledger(ws / "ledger.duckdb").runs(kind="score")[0]["stats"]
+    d = sum(p.numel() for p in model().parameters())
+    states_bytes = 2 * 6 * d * 8
+    assert stats["state_disk_bytes"] > fit_x.nbytes
+    assert (stats["state_disk_bytes"] > states_bytes) == (states == "stored")
+    assert stats["state_memory_bytes"] > fit_x.nbytes
 
 
 @pytest.mark.parametrize("signal", ["trak", "d-trak"])

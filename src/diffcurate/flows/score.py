@@ -126,6 +126,8 @@ class ScoreSummary(BaseModel):
     score_quantiles: dict[str, float] = Field(default_factory=dict)
     fit_size: int = 0
     state_seconds: float = 0.0
+    state_disk_bytes: int = Field(0, description="Run state the workers read (RunState).")
+    state_memory_bytes: int = Field(0, description="Worker memory for it, beyond the model.")
     sketch_table: str = ""
     sketch_index: str = ""
     seconds: float = 0.0
@@ -291,6 +293,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                                    params.geometry)  # fmt: skip
             summary.state_seconds = round(time.perf_counter() - t0, 3)
             summary.fit_size = 0 if state.fit is None else len(state.fit.keys)
+            summary.state_disk_bytes, summary.state_memory_bytes = state.shared_bytes()
         # 5. Shards.
         with progress_bar("score", params.progress) as bar, tags(*shard_tags(spec, params.tags)):
             task = bar.add_task("score", total=len(ids), completed=len(done))
