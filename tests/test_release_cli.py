@@ -108,7 +108,8 @@ def test_reject_leaves_no_release_tag_and_refuses_a_later_approval(ws):
 
 def test_failed_gates_need_override_with_comment(ws):
     workspace, store, _ = ws
-    res = invoke("release", "approve", "digits-candidate-2", "--actor", "ann", "-w", workspace)
+    res = invoke("release", "approve", "digits-candidate-2", "--actor", "ann", "-c", "looks fine",
+                 "-w", workspace)  # fmt: skip
     assert res.exit_code == 2 and "failed its gates" in res.output
     res = invoke("release", "approve", "digits-candidate-2", "--actor", "ann", "--override",
                  "-w", workspace)  # fmt: skip
@@ -134,7 +135,9 @@ def test_unknown_tag_and_missing_actor_are_refused(ws):
 
 def test_show_exits_1_when_a_tag_was_moved_outside_diffcurate(ws):
     workspace, store, ledger = ws
-    invoke("release", "approve", "digits-candidate-1", "--actor", "ann", "-w", workspace)
+    res = invoke("release", "approve", "digits-candidate-1", "--actor", "ann", "-c", "ok",
+                 "-w", workspace)  # fmt: skip
+    assert res.exit_code == 0, res.output
     later = ledger.release("digits-candidate-2")["lance_version"]
     store.db.open_table("release_digits").tags.update("digits-release-1", later)
     res = invoke("release", "show", "digits-release-1", "-w", workspace)

@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
+from diffcurate.cli.common import fail, out
 from diffcurate.deployments import DEFAULT_CRON, DEFAULT_DASK_ADDRESS, DEFAULT_PREFECT_FILE
 
 deploy_app = typer.Typer(
@@ -22,8 +22,6 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 GpuSlotsOpt = Annotated[
     int | None,
@@ -37,17 +35,12 @@ GpuRunsOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
 def _require_server() -> str:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise _fail(
+        raise fail(
             "PREFECT_API_URL is not set: point it at your Prefect server "
             "(e.g. http://127.0.0.1:4200/api after `prefect server start`)"
         )
@@ -60,7 +53,7 @@ def _workspace(workspace: Path | None) -> Path:
     try:
         ws = load_settings(workspace).workspace
     except (ValidationError, FileNotFoundError) as e:
-        raise _fail(f"invalid configuration:\n{e}") from e
+        raise fail(f"invalid configuration:\n{e}") from e
     return ws.absolute()
 
 
@@ -110,7 +103,7 @@ def apply_cmd(
 
     url = _require_server()
     if not prefect_file.is_file():
-        raise _fail(f"deployments file not found: {prefect_file} (run from the project root, "
+        raise fail(f"deployments file not found: {prefect_file} (run from the project root, "
                     "or pass --prefect-file)")  # fmt: skip
     try:
         env = deploy_env(
@@ -118,13 +111,13 @@ def apply_cmd(
             dask_address=dask_address, source=source, timezone=timezone,
         )  # fmt: skip
     except ValueError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     for line in ensure_pools(gpu_slots=gpu_slots, gpu_runs=gpu_runs):
         out.print(f"{url}: {line}")
     try:
         names = apply(prefect_file, env, name)
     except (ValueError, ImportError, OSError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     for full_name in names:
         out.print(f"{url}: deployment {full_name!r}")
 
@@ -178,7 +171,7 @@ def serve_cmd(
     url = _require_server()
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if cron is not None and interval is not None:
-        raise _fail("give --cron or --interval, not both")
+        raise fail("give --cron or --interval, not both")
     ws = _workspace(workspace)
     base: dict[str, Any] = {
         "dataset": dataset, "model": str(model.absolute()), "workspace": str(ws),
@@ -194,6 +187,6 @@ def serve_cmd(
             cron=None if interval is not None else (cron or DEFAULT_CRON),
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     out.print(f"serving hygiene/{deployment.name} on {url}")
     serve(deployment, limit=limit, print_starting_message=True)

@@ -1,8 +1,11 @@
 """``diffcurate release ...``: list, inspect, approve and reject candidate releases.
 
-Exit codes: 0 done; 2 refused (unknown tag, already decided, failed gates without
-``--override``, bad configuration), with the reason on stderr; 1 from ``show`` when a tag no
-longer matches the ledger. Heavy imports (lancedb) happen inside the commands.
+Approve and reject go through :mod:`diffcurate.curation.approval`, as the dashboard's forms do:
+the rules (pending candidate, registered approver, comment, override, reviewer marks, the
+workspace lock) live there. Exit codes: 0 done; 2 refused (unknown tag, already decided or
+superseded, not an approver, no comment, failed gates or audit without ``--override``, bad
+configuration), with the reason on stderr; 1 from ``show`` when a tag no longer matches the
+ledger. Heavy imports (lancedb) happen inside the commands.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Column, Table
 
+from diffcurate.cli.common import WorkspaceOpt, err, fail, out, workspace_settings
+
 release_app = typer.Typer(
     help="Candidate releases: tagged LanceDB versions of kept samples, awaiting approval.",
     no_args_is_help=True,
@@ -22,15 +27,6 @@ release_app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
-        show_default=False,
-    ),
-]
 ActorOpt = Annotated[
     str | None,
     typer.Option(
@@ -48,18 +44,18 @@ TagArg = Annotated[str, typer.Argument(help="A candidate tag, e.g. digits-candid
 
 def _open(workspace: Path | None):
     """Store and ledger of the workspace (settings and errors as in the main CLI)."""
-    from diffcurate.cli import _settings
+    return _open_settings(workspace_settings(workspace))
+
+
+def _open_settings(settings):
     from diffcurate.storage.lance_store import LanceStore
     from diffcurate.storage.ledger import Ledger
 
-    settings = _settings(workspace)
     return LanceStore(settings.lancedb_uri), Ledger(settings.ledger_path)
 
 
 def _refuse(e: Exception) -> typer.Exit:
-    from diffcurate.cli import _fail
-
-    return _fail(str(e), code=2)
+    return fail(str(e), code=2)
 
 
 def _info_dict(info) -> dict[str, Any]:
@@ -75,7 +71,6 @@ def list_(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """List candidates and releases, oldest first, with their status."""
-    from diffcurate.cli import out
     from diffcurate.storage import releases as rel
 
     _, ledger = _open(workspace)
@@ -102,7 +97,6 @@ def show(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Show a tag's manifest (runs, audit, gates), its decisions, and check the Lance tag."""
-    from diffcurate.cli import err, out
     from diffcurate.storage import releases as rel
 
     store, ledger = _open(workspace)
@@ -152,10 +146,8 @@ def show(
 
 
 def _actor(actor: str | None) -> str:
-    from diffcurate.cli import _fail
-
     if not actor or not actor.strip():
-        raise _fail("no --actor given and $USER is unset: say who decides")
+        raise fail("no --actor given and $USER is unset: say who decides")
     return actor.strip()
 
 
@@ -170,17 +162,25 @@ def approve(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Approve a pending candidate: tag its version `DATASET-release-N` (immutable)."""
-    from diffcurate.cli import out
-    from diffcurate.storage import releases as rel
+    from diffcurate.curation import approval
 
     who = _actor(actor)
-    store, ledger = _open(workspace)
+    settings = workspace_settings(workspace)
     try:
-        info = rel.approve(store, ledger, tag, who, comment, override=override)
-    except rel.ReleaseError as e:
+        # Open the ledger under the lock: a waiting process stays off DuckDB's file lock.
+        with approval.decision_lock(settings.ledger_path):
+            store, ledger = _open_settings(settings)
+            done = approval.approve(store, ledger, tag, who, comment, override=override)
+    except approval.ApprovalRefused as e:
         raise _refuse(e) from e
+    if done.completed_interrupted:
+        out.print(f"completed the interrupted approval of {tag}")
+    if done.approved != tag:
+        out.print(f"applied {done.marks_applied} reviewer marks to {tag}: new candidate "
+                  f"{done.approved} (supersedes {tag})")  # fmt: skip
+    info = done.release
     out.print(
-        f"approved {tag} by {who}: released as {info.tag} "
+        f"approved {done.approved} by {who}: released as {info.tag} "
         f"({info.lance_table} version {info.lance_version}, {info.n_kept} samples)"
     )
 
@@ -193,13 +193,14 @@ def reject(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Reject a pending candidate; it is never released."""
-    from diffcurate.cli import out
-    from diffcurate.storage import releases as rel
+    from diffcurate.curation import approval
 
     who = _actor(actor)
-    store, ledger = _open(workspace)
+    settings = workspace_settings(workspace)
     try:
-        rel.reject(store, ledger, tag, who, comment)
-    except rel.ReleaseError as e:
+        with approval.decision_lock(settings.ledger_path):
+            store, ledger = _open_settings(settings)
+            approval.reject(store, ledger, tag, who, comment)
+    except approval.ApprovalRefused as e:
         raise _refuse(e) from e
     out.print(f"rejected {tag} by {who}")

@@ -5,10 +5,11 @@ Heavy imports (fastapi, uvicorn, duckdb) happen inside the commands.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from diffcurate.cli.common import WorkspaceOpt, err, fail, out, workspace_settings
 
 users_app = typer.Typer(
     help="Dashboard users: token-based, with a role (viewer, reviewer or approver).",
@@ -18,15 +19,6 @@ users_app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
-        show_default=False,
-    ),
-]
 _LOCAL = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -37,14 +29,13 @@ def users_add(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Create a user and print their token (once: only its SHA-256 hash is stored)."""
-    from diffcurate.cli import _fail, _settings, out
     from diffcurate.storage.users import UserError, UserStore
 
-    settings = _settings(workspace)
+    settings = workspace_settings(workspace)
     try:
         token = UserStore(settings.ledger_path).add(name, role)
     except UserError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     out.print(f"created {role} {name}; their token (shown only now, store it safely):")
     out.print(token, markup=False, highlight=False)
 
@@ -54,10 +45,9 @@ def users_list(workspace: WorkspaceOpt = None) -> None:
     """List users and their roles (never tokens)."""
     from rich.table import Table
 
-    from diffcurate.cli import _settings, out
     from diffcurate.storage.users import UserStore
 
-    rows = UserStore(_settings(workspace).ledger_path).list()
+    rows = UserStore(workspace_settings(workspace).ledger_path).list()
     if not rows:
         out.print("no users yet: add one with diffcurate users add NAME --role ROLE")
         return
@@ -75,11 +65,10 @@ def serve(
     """Serve the review dashboard (flagged images, audit, gates, approvals) for a workspace."""
     import uvicorn
 
-    from diffcurate.cli import _settings, err, out
     from diffcurate.dashboards.app import create_app
     from diffcurate.storage.users import UserStore
 
-    settings = _settings(workspace)
+    settings = workspace_settings(workspace)
     app = create_app(settings.workspace)
     if not UserStore(settings.ledger_path).list():
         err.print("[yellow]note:[/yellow] no users yet; add one with "

@@ -1,0 +1,143 @@
+"""What every command group shares: the consoles, settings loading, errors, shared options.
+
+Heavy imports (torch, prefect, lancedb) happen inside the helpers that need them, so importing
+the CLI stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from diffcurate.config import Settings, apply_threads, load_settings
+
+# soft_wrap: messages carry paths and ids that must stay copy-pastable; let terminals wrap.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+# How a checkpoint is held: every command that loads a model takes these.
+VariantOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights variant of every component, e.g. fp16 for *.fp16.safetensors "
+        "[default: the plain weights, or the only variant present]."
+    ),
+]
+LoadDTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Load the networks as float32 | float64 | float16 | bfloat16 (half precision "
+        "needs --device cuda) [default: as saved].",
+    ),
+]
+LoraOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--lora", help="LoRA adapter (file or directory) fused at load; repeatable."),
+]
+LoraScaleOpt = Annotated[float, typer.Option(help="Multiplier of the LoRA updates.")]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="For a single-file checkpoint (--model x.safetensors): a local diffusers "
+        "directory with the component configs and tokenizer (nothing is downloaded)."
+    ),
+]
+GeometryOpt = Annotated[
+    str,
+    typer.Option(
+        help="How images become the model's square input: center-crop | resize | pad "
+        "(counts of cropped/upscaled images are reported)."
+    ),
+]
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
+        show_default=False,
+    ),
+]
+
+
+def workspace_settings(workspace: Path | None) -> Settings:
+    """Load settings, create the workspace and set the process environment every command needs.
+
+    Environment first, heavy imports later: Prefect reads ``PREFECT_HOME`` when it is imported.
+    Invalid configuration exits 2 with the validation message.
+    """
+    try:
+        settings = load_settings(workspace)
+    except (ValidationError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] invalid configuration:\n{e}")
+        raise typer.Exit(2) from e
+    settings.workspace.mkdir(parents=True, exist_ok=True)
+    apply_threads(settings.threads)
+    # Prefect's ephemeral mode keeps its state in PREFECT_HOME: keep it inside the workspace.
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral server's telemetry writer races the API for the SQLite lock.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its ephemeral server 20 s to start; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # diffusers warns on every dtype cast of a UNet ("modules ... kept in float32: []").
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    return settings
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as an error and return the exit to raise (2 = refused)."""
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def load_options(
+    variant: str | None,
+    dtype: str | None,
+    lora: list[Path] | None,
+    lora_scale: float,
+    model_config: Path | None,
+    device: str = "cpu",
+):  # -> LoadOptions (imported lazily)
+    """The loading options of the model flags, checked against the device."""
+    from diffcurate.models.load_options import LoadOptions
+
+    options = LoadOptions(
+        variant=variant, dtype=dtype, lora=list(lora or []), lora_scale=lora_scale,
+        config=model_config,
+    )  # fmt: skip
+    options.check_device(device)
+    return options
+
+
+def preflight(model: Path, options, device: str = "cpu"):  # -> DiffusionModel
+    """Load the model before any flow starts: a bad checkpoint is one line, exit 2."""
+    from diffcurate.models.errors import ModelLoadError
+    from diffcurate.models.load_options import preflight as load_checked
+
+    try:
+        return load_checked(model, options, device)
+    except (ModelLoadError, ValueError) as e:
+        raise fail(str(e)) from e
+
+
+def secret_list(value: str | None) -> list[str]:
+    """Secrets from a JSON file (list or {"planted_keys": [...]}) or a comma-separated list."""
+    if value is None:
+        return []
+    path = Path(value)
+    if path.suffix == ".json" or path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("planted_keys", data.get("secrets"))
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"{path}: expected a list of keys/ids or {{'planted_keys': [...]}}")
+        return data
+    return [v.strip() for v in value.split(",") if v.strip()]
