@@ -17,7 +17,7 @@ T2I_BATCH ?= 32
 T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
 T2I_SCORER ?= trace
 
-.PHONY: setup test test-all demo demo-t2i bench-table1 bench-lds bench-t2i lint format clean
+.PHONY: setup test test-slow test-all demo demo-t2i bench-table1 bench-lds bench-t2i lint format clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# End-to-end robustness tests (kill -9 mid-ingest, Dask worker loss, served schedules): minutes.
+test-slow: setup
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One torch/OpenMP thread per process unless the caller says otherwise: the suite's tensors are
+# small, and pytest, Prefect's server and Dask workers share the cores (2 threads against a busy
+# core ran several times slower than 1). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Prefect reads these at import time: point it at a throwaway home before anything imports it.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diffcurate-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

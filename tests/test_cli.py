@@ -91,6 +91,7 @@ def _versions(ws) -> int:
     return len(list(d.glob("*.manifest"))) if d.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_ingest_then_rerun_ends_with_exact_rows(tmp_path):
     samples, _ = digit_samples(n_duplicated=0, copies=1)  # 1,797 real digits
     write_webdataset(samples, tmp_path / "wds", shard_size=500)

@@ -47,6 +47,7 @@ def test_score_scorers_from_the_command_line(tmp_path, digit_files):
     assert SketchStore(str(ws / "lancedb")).count() == 12
 
 
+@pytest.mark.slow
 def test_score_on_a_dask_cluster_from_the_command_line(tmp_path, digit_files):
     """`--runner dask` scores on a temporary local cluster; its rows equal the local runner's."""
     write_folder(digit_files[:12], tmp_path / "src")

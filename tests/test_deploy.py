@@ -174,6 +174,7 @@ def _deployment(url: str, flow: str, name: str) -> dict:
     return response.json()
 
 
+@pytest.mark.slow
 def test_deploy_apply_creates_pools_limit_and_every_deployment(prefect_server, tmp_path):
     url, env = prefect_server
     result = subprocess.run(
@@ -221,6 +222,7 @@ def hygiene_inputs(tmp_path_factory, digit_files, prefect_harness):
     return ws, model_dir, params
 
 
+@pytest.mark.slow
 def test_served_schedule_runs_a_hygiene_run_to_a_candidate_release(
     prefect_server, hygiene_inputs, tmp_path
 ):

@@ -65,12 +65,15 @@ def test_flow_scores_equal_a_direct_computation(scored_workspace):
 
 def test_shard_size_does_not_change_scores(scored_workspace):
     ws, model_dir = scored_workspace
-    spec = ScorerSpec(signal="loss", seed=7)
+    # float64: float32 batches of other sizes round differently (~1e-7) on some thread counts;
+    # a sample's own keyed draws are what must not depend on the shard.
+    spec = ScorerSpec(signal="loss", seed=7, dtype="float64")
     a = run(ws, model_dir, spec, shard_size=4, resume=False)
     b = run(ws, model_dir, spec, shard_size=64, resume=False)
     assert a.run_id != b.run_id
     sa, sb = scores_of(ws, a.run_id), scores_of(ws, b.run_id)
-    assert sa.keys() == sb.keys() and all(sa[k] == sb[k] for k in sa)
+    assert sa.keys() == sb.keys()
+    np.testing.assert_allclose([sa[k] for k in sa], [sb[k] for k in sa], rtol=1e-12)
 
 
 def test_failed_run_resumes_without_duplicates_or_drift(scored_workspace, monkeypatch):

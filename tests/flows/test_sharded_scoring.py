@@ -128,6 +128,7 @@ def _executing_worker(client) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_killed_worker_mid_shard_still_scores_every_sample_once(corpus, reference, cluster):
     ws, model_dir = corpus
     lc, client = cluster
@@ -174,6 +175,7 @@ def _kill_a_busy_worker_once(client, store, before: int, killed: dict, stop) -> 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_shard_dask_gives_up_on_is_resubmitted_by_the_flow(corpus, reference):
     """With ``allowed-failures: 0`` Dask does not reschedule a killed worker's task: the future
     errs (KilledWorker), and the flow's coverage round submits the lost shard again."""
@@ -304,6 +306,7 @@ score_flow(ScoreParams.model_validate_json(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 def test_killed_parent_flow_resumes_from_the_shards_its_workers_wrote(
     corpus, reference, cluster, tmp_path
 ):
