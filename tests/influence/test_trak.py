@@ -116,6 +116,18 @@ def test_vmapped_gradients_equal_dense_autograd(data):
         np.testing.assert_allclose(g.numpy(), grads[m][:10], rtol=1e-10, atol=1e-14)
 
 
+def test_features_equal_dense_projection_whatever_the_projection_buffer(data):
+    obj, model, x, keys, grads = data
+    p = Projector.from_config(grads["loss"].shape[1], config(proj_dim=16, seed=2)).matrix()
+    expected = grads["loss"][:11] @ p.numpy()
+    for buffer in (0, 55 * 6, 1 << 20):  # one batch per pass, two batches, everything
+        cfg = config(
+            proj_dim=16, seed=2, batch_size=3, projection_cache=0, projection_buffer=buffer
+        )
+        feats = trak_features(obj, model, x[:11], keys[:11], cfg)
+        np.testing.assert_allclose(feats, expected, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("measurement", ["loss", "square"])
 @pytest.mark.parametrize("proj_dim", [55, 256])
 def test_trak_with_k_ge_d_is_the_damped_fisher_influence_exactly(data, measurement, proj_dim):

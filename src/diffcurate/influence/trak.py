@@ -97,6 +97,9 @@ class TRAKConfig(BaseModel):
         batch_size: Samples per per-sample-gradient call (memory ≈ batch × draws × d).
         projection_block: Rows of P generated at a time.
         projection_cache: Keep P in memory while d·k is at most this many numbers.
+        projection_buffer: Gradients (numbers, n·d) gathered before one pass over P's blocks:
+            when P is not cached, each pass regenerates it, so projecting many samples per
+            pass divides that cost. At least one ``batch_size`` batch is always projected.
         vectorize: ``torch.func.vmap`` over items (falls back to a loop without batching rules).
     """
 
@@ -112,6 +115,7 @@ class TRAKConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     projection_block: int = Field(65536, ge=1)
     projection_cache: int = Field(1 << 26, ge=0)
+    projection_buffer: int = Field(1 << 28, ge=0)
     vectorize: bool = True
 
     @property
@@ -268,14 +272,29 @@ def trak_features(
     config = config or TRAKConfig()
     out = np.zeros((images.shape[0], config.proj_dim))
     state: dict[str, Projector] = {}
+    pending: list[tuple[slice, torch.Tensor]] = []
 
-    def consume(sl: slice, grads: torch.Tensor) -> None:
+    def flush() -> None:
+        if not pending:
+            return
+        grads = torch.cat([g for _, g in pending])
         if "p" not in state:
             state["p"] = Projector.from_config(grads.shape[1], config)
-        feats = state["p"].project(grads)
-        out[sl] = feats.to(device="cpu", dtype=torch.float64).numpy()
+        feats = state["p"].project(grads).to(device="cpu", dtype=torch.float64).numpy()
+        row = 0
+        for sl, g in pending:
+            out[sl] = feats[row : row + g.shape[0]]
+            row += g.shape[0]
+        pending.clear()
+
+    def consume(sl: slice, grads: torch.Tensor) -> None:
+        held = sum(g.numel() for _, g in pending)
+        if pending and held + grads.numel() > config.projection_buffer:
+            flush()
+        pending.append((sl, grads))
 
     per_sample_gradients(objective, model, images, sample_keys, config, cond, consume)
+    flush()
     return out
 
 
