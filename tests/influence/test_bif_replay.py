@@ -186,3 +186,23 @@ def test_registry_paths_give_equal_scores_and_the_same_run_identity(states, tmp_
         assert disk >= fit_x.nbytes + 6 * d * 8 and memory == fit_x.nbytes + d * 8
     else:
         assert fit_x.nbytes < disk < fit_x.nbytes + 4096 and memory > fit_x.nbytes + 2 * d * 8
+
+
+def test_auto_stores_small_models_and_replays_beyond_the_limit(tmp_path, monkeypatch):
+    import diffcurate.influence.registry as registry
+
+    opts = BIFOptions(chains=4, draws=100)
+    limit = registry.STORED_STATES_LIMIT
+    assert opts.states_for(limit // (400 * 4), 4) == "stored"
+    assert opts.states_for(limit // (400 * 4) + 1, 4) == "replay"
+    assert opts.states_for(701_345, 4) == "stored"  # the reference model: 1.05 GiB
+    assert opts.states_for(859_520_964, 4) == "replay"  # a Stable-Diffusion-1.5 UNet
+    assert BIFOptions(states="stored").states_for(10**12, 8) == "stored"
+    assert BIFOptions(states="replay").states_for(1, 4) == "replay"
+    model = tiny_unet().double()
+    spec = ScorerSpec(signal="bif", dtype="float64", bif=BIFOptions(chains=2, draws=2))
+    obj = spec.objective(scheduler())
+    fit = FitSet(images(4, (1, 8, 8), seed=1), tuple(f"f{i}" for i in range(4)), 4)
+    assert isinstance(prepare_state(spec, obj, model, fit, tmp_path).posterior, PosteriorDraws)
+    monkeypatch.setattr(registry, "STORED_STATES_LIMIT", 2 * 2 * 8 * 1000)  # < C·T·d·8
+    assert isinstance(prepare_state(spec, obj, model, fit, tmp_path).posterior, ReplayedDraws)

@@ -63,6 +63,7 @@ from diffcurate.influence.global_hessian import (
 )
 from diffcurate.influence.loss_signal import LossSignalConfig, loss_scores
 from diffcurate.influence.objective import (
+    DTYPES,
     DiffusionObjective,
     SampleKey,
     ScoreResult,
@@ -138,19 +139,27 @@ class EKFACOptions(BaseModel):
     int8_query: bool = _default(EKFACConfig, "int8_query")
 
 
+STORED_STATES_LIMIT = 4 * 2**30
+"""``bif.states="auto"`` stores the C·T states up to this many bytes on disk and replays beyond."""
+
+
 class BIFOptions(BaseModel):
     """``bif`` options (see :class:`~diffcurate.influence.bif.BIFConfig`).
 
     ``states``: how shards get the posterior states. ``"stored"`` records all C·T states once
-    (:class:`~diffcurate.influence.bif_draws.PosteriorDraws`, C·T·d numbers on disk);
-    ``"replay"`` stores only their digests and each shard replays the chains
-    (:class:`~diffcurate.influence.bif_replay.ReplayedDraws`, disk independent of d, one chain
-    replay per shard). Same numbers either way (replay verifies every state), so the choice is
-    not part of a run's identity. Default ``"replay"``: see ``benchmarks/results/bif_storage.md``.
+    (:class:`~diffcurate.influence.bif_draws.PosteriorDraws`: C·T·d numbers on disk, read by
+    every shard); ``"replay"`` records only their digests and each shard replays the chains
+    (:class:`~diffcurate.influence.bif_replay.ReplayedDraws`: disk independent of d, one chain
+    replay per shard); ``"auto"`` stores while C·T·d numbers fit in
+    :data:`STORED_STATES_LIMIT` (the reference model at the defaults: 1.05 GiB) and replays
+    beyond (a Stable-Diffusion-size UNet would need 1.25 TiB). Stored is faster per sample at
+    small d, replay is the only option at model scale (``benchmarks/results/bif_storage.md``).
+    Same numbers either way (a replay verifies every state), so the choice is not part of a
+    run's identity.
     """
 
     model_config = _OPTS
-    states: Literal["stored", "replay"] = "replay"
+    states: Literal["auto", "stored", "replay"] = "auto"
     step_size: float = Field(_default(BIFConfig, "step_size"), gt=0)
     localization: float = Field(_default(BIFConfig, "localization"), ge=0)
     nbeta: float = Field(_default(BIFConfig, "nbeta"), ge=0)
@@ -161,6 +170,13 @@ class BIFOptions(BaseModel):
     batch_size: int = Field(_default(BIFConfig, "batch_size"), ge=1)
     gradient_draws: Literal["fresh", "keyed"] = _default(BIFConfig, "gradient_draws")
     batch_items: int = Field(_default(BIFConfig, "batch_items"), ge=1)
+
+    def states_for(self, n_params: int, itemsize: int) -> Literal["stored", "replay"]:
+        """``states`` with ``"auto"`` resolved for d = ``n_params`` numbers of ``itemsize``."""
+        if self.states != "auto":
+            return self.states
+        stored = self.chains * self.draws * n_params * itemsize
+        return "stored" if stored <= STORED_STATES_LIMIT else "replay"
 
     @model_validator(mode="after")
     def _enough_draws(self) -> BIFOptions:
@@ -544,7 +560,7 @@ def prepare_state(
     ``ekfac``: the factors of ``fit``, fitted here and cached under ``cache_dir/ekfac`` by
     kronfluence's fingerprint (every shard, and later runs with the same inputs, reuse them).
     ``trak``: projected gradients of the fit set → kernel. ``bif``: the chains, run once here;
-    their states (``bif.states="stored"``) or only their digests (``"replay"``) are kept under
+    their states (``bif.states`` stored) or only their digests (replay) are kept under
     ``cache_dir/bif/<fingerprint>`` or ``cache_dir/bif-replay/<fingerprint>``.
     """
     cache = None if cache_dir is None else Path(cache_dir)
@@ -583,8 +599,10 @@ def prepare_state(
             objective.vae is not None,
             config.model_dump(),
         )
-        record = PosteriorDraws.record if spec.bif.states == "stored" else ReplayedDraws.record
-        folder = "bif" if spec.bif.states == "stored" else "bif-replay"
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        states = spec.bif.states_for(d, DTYPES[config.dtype].itemsize)
+        record = PosteriorDraws.record if states == "stored" else ReplayedDraws.record
+        folder = "bif" if states == "stored" else "bif-replay"
         posterior = record(
             objective, model, fit.images, fit.keys, config, cache / folder / name, fit.cond
         )
