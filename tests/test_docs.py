@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from diffcurate.cli import app
 from diffcurate.config import Settings
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

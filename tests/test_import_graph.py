@@ -1,5 +1,5 @@
 """The static import graph of ``src/diffcurate``: no cycles between modules, and the layering
-rules the design states (``influence/`` is pure torch + numpy).
+rules the design states (``influence/`` is pure torch + numpy; no module imports upward).
 
 Every ``import`` and ``from ... import`` counts, wherever it appears (module level, inside a
 function, under ``TYPE_CHECKING``): a deferred import still couples two modules, and a cycle
@@ -17,6 +17,61 @@ INFLUENCE_FORBIDDEN = (
     "diffcurate.storage", "diffcurate.flows", "diffcurate.tasks", "diffcurate.cli",
     "diffcurate.dashboards", "prefect", "lancedb", "duckdb", "great_expectations",
 )  # fmt: skip
+
+
+# Layers, top to bottom. A module may import its own package, anything in a lower layer, and
+# within the domain layer only the peers PEERS allows.
+LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"cli", "dashboards"}),
+    # attribution and deployments compose flows (attribution runs the score flow's identity
+    # checks and its tasks; deployments schedule the hygiene flow), so they sit with them.
+    frozenset({"flows", "attribution", "deployments"}),
+    frozenset({"tasks"}),
+    # demo writes synthetic corpora and imports nothing of diffcurate.
+    frozenset({"curation", "storage", "models", "influence", "metrics", "ingest", "demo"}),
+    # The bottom layer: settings, the workspace layout, keyed RNG, content digests.
+    frozenset({"", "config", "workspace", "keyed", "digests"}),
+)
+PEERS: dict[str, tuple[str, ...]] = {
+    # `diffcurate serve` starts the dashboard app.
+    "cli": ("dashboards",),
+    "attribution": ("flows",),
+    "deployments": ("flows",),
+    # Curation decides on measured data: it reads metrics, generates with models, records in
+    # storage.
+    "curation": ("metrics", "models", "storage"),
+    # Ingestion embeds with CLIP (models) and writes the sample tables (storage).
+    "ingest": ("models", "storage"),
+    # Training minimises the diffusion objective the scorers differentiate: one definition of
+    # the loss, its (t, ε) draws and its device helpers.
+    "models": ("influence.objective",),
+    # Settings name the workspace; the layout says where things live in it.
+    "config": ("workspace",),
+}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
+"""``(importer, imported) -> reason`` for an arrow the rules above forbid. Empty: keep it so."""
+
+
+def group(module: str) -> str:
+    """The top-level part of ``diffcurate.<group>...`` ('' for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layer(module: str) -> int:
+    found = [i for i, names in enumerate(LAYERS) if group(module) in names]
+    assert found, f"{module} is in no layer: add its package to LAYERS"
+    return found[0]
+
+
+def allowed(importer: str, imported: str) -> bool:
+    a, b = group(importer), group(imported)
+    if a == b or layer(imported) > layer(importer):
+        return True
+    if layer(imported) < layer(importer):
+        return False
+    rest = imported.removeprefix(f"{PACKAGE}.")
+    return any(rest == p or rest.startswith(p + ".") for p in PEERS.get(a, ()))
 
 
 def module_name(path: Path) -> str:
@@ -107,3 +162,35 @@ def test_influence_imports_no_orchestration_storage_or_ui():
             if any(dep == f or dep.startswith(f + ".") for f in INFLUENCE_FORBIDDEN):
                 bad.append(f"{name} imports {dep}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_module_has_a_layer():
+    for name in modules():
+        layer(name)
+
+
+def test_no_module_imports_upward_or_sideways_outside_the_rules():
+    bad = [
+        f"{a} imports {b}"
+        for a, deps in graph().items()
+        for b in sorted(deps)
+        if not allowed(a, b) and (a, b) not in EXCEPTIONS
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_rule_rejects_the_arrows_it_exists_for():
+    assert not allowed("diffcurate.models.images", "diffcurate.storage.lance_store")
+    assert not allowed("diffcurate.storage.validation", "diffcurate.ingest.dedup")
+    assert not allowed("diffcurate.models.sample", "diffcurate.influence.trace")
+    assert not allowed("diffcurate.tasks.score", "diffcurate.flows.score")
+    assert not allowed("diffcurate.config", "diffcurate.storage.ledger")
+    assert allowed("diffcurate.ingest.shard", "diffcurate.storage.schemas")
+    assert allowed("diffcurate.flows.score", "diffcurate.storage.ledger")
+    assert allowed("diffcurate.models.sample", "diffcurate.keyed")
+
+
+def test_exceptions_are_still_needed():
+    edges = graph()
+    stale = [f"{a} -> {b}" for a, b in EXCEPTIONS if b not in edges.get(a, set())]
+    assert not stale, "remove stale exceptions: " + ", ".join(stale)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from diffcurate.ingest.decode import DecodedImage, DecodeFailure, decode_image
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 from imagebytes import jpeg_bytes, png_bomb_bytes, png_bytes
 
 MAX = 50_000_000

@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffcurate.influence.objective import keyed_generator
+from diffcurate.keyed import keyed_generator
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.reference import SchedulerConfig, reference_architecture, reference_model
 from diffcurate.models.sample import decode_latents, generate, save_grid

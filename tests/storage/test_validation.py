@@ -1,7 +1,7 @@
 import pandas as pd
 
 from diffcurate.config import IngestSettings
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 from diffcurate.storage.validation import SampleBatchValidator
 
 

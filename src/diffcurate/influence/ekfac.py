@@ -93,8 +93,6 @@ batch (``query_batch_size`` queries preconditioned together).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import tempfile
@@ -119,6 +117,7 @@ from kronfluence.utils.state import State
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from diffcurate.digests import content_digest
 from diffcurate.influence.objective import (
     DTYPES,
     DiffusionObjective,
@@ -371,31 +370,17 @@ class _DiffusionTask(Task):
 
 
 # --------------------------------------------------------------------------- plumbing
-def _hash_tensor(h: Any, tensor: torch.Tensor) -> None:
-    t = tensor.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def _fingerprint(*parts: object) -> str:
-    """sha256 over tensors (bytes), models (state dict) and JSON-able values."""
-    h = hashlib.sha256()
+    """:func:`~diffcurate.digests.content_digest` with a draw batch spelled out as its tensors
+    and sample keys."""
+    flat: list[object] = []
     for part in parts:
-        if isinstance(part, torch.nn.Module):
-            for name, value in sorted(part.state_dict().items()):
-                h.update(name.encode())
-                _hash_tensor(h, value)
-        elif isinstance(part, torch.Tensor):
-            _hash_tensor(h, part)
-        elif isinstance(part, DrawBatch):
-            for tensor in (part.x_t, part.t, part.target, part.cond):
-                if tensor is not None:
-                    _hash_tensor(h, tensor)
-            h.update(json.dumps([str(k) for k in part.sample_keys]).encode())
+        if isinstance(part, DrawBatch):
+            flat += [t for t in (part.x_t, part.t, part.target, part.cond) if t is not None]
+            flat.append([str(k) for k in part.sample_keys])
         else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x1e")
-    return h.hexdigest()[:20]
+            flat.append(part)
+    return content_digest(*flat, length=20)
 
 
 def _objective_id(objective: DiffusionObjective) -> dict[str, Any]:

@@ -24,7 +24,6 @@ schedule is an explicit, required choice (:class:`TimestepSchedule`), never a hi
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,41 +38,14 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+# The keyed RNG lives in the bottom layer; re-exported here, where the scorers import it.
+from diffcurate.keyed import SampleKey as SampleKey
+from diffcurate.keyed import keyed_generator as keyed_generator
+from diffcurate.keyed import keyed_seed as keyed_seed
+
 log = logging.getLogger(__name__)
 
-SampleKey = int | str
-"""A sample identifier. Keys are hashed through ``str(key)``, so ``7`` and ``"7"`` coincide."""
-
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def keyed_seed(seed: int, key: SampleKey, stream: str, index: int) -> int:
-    """A 63-bit RNG seed determined only by ``(seed, key, stream, index)``.
-
-    Why a hash: string sample ids need a stable, process-independent mapping (``hash()`` is
-    salted per process, blake2b is not), and arithmetic schemes such as ``seed + index`` make
-    different (seed, sample) pairs collide onto the same stream.
-
-    Args:
-        seed: The run-level seed.
-        key: The sample's identifier.
-        stream: Which random quantity this is (e.g. ``"t"``, ``"eps"``, ``"ggn-probe"``), so
-            different quantities of the same draw are independent.
-        index: The draw index within the sample.
-
-    Returns:
-        A non-negative integer below 2**63 for ``torch.Generator.manual_seed``.
-    """
-    text = f"{int(seed)}\x1f{key}\x1f{stream}\x1f{int(index)}"
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def keyed_generator(seed: int, key: SampleKey, stream: str, index: int) -> torch.Generator:
-    """A CPU generator seeded with :func:`keyed_seed` (see there for why)."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(keyed_seed(seed, key, stream, index))
-    return gen
 
 
 def rademacher(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:

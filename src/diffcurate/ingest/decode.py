@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import imagehash
 from PIL import Image, UnidentifiedImageError
 
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 
 # We enforce our own, configurable pixel budget before decoding; PIL's global guard would
 # otherwise fire first with a different threshold.

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 
 
 @dataclass(frozen=True)

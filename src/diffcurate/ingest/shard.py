@@ -17,9 +17,9 @@ import pyarrow as pa
 
 from diffcurate.config import IngestSettings
 from diffcurate.ingest.decode import DecodedImage, DecodeFailure, decode_image, sha256_hex
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.records import RawRecord, canonical_metadata, sample_id_for
 from diffcurate.models.clip_embedder import ClipEmbedder
+from diffcurate.storage.reasons import Reason
 from diffcurate.storage.schemas import QUARANTINE, SAMPLES
 from diffcurate.storage.validation import SampleBatchValidator
 

@@ -40,7 +40,7 @@ import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +49,27 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from diffcurate.models.diffusion import UNet
-from diffcurate.storage.lance_store import LanceStore
 
 log = logging.getLogger(__name__)
+
+
+class SampleStore(Protocol):
+    """What loading images needs of the workspace tables; ``storage.LanceStore`` provides it.
+
+    A protocol rather than an import: models sit beside storage in the layering, and only the
+    layers above (tasks, flows, CLI) join the two by passing a store in.
+    """
+
+    @property
+    def uri(self) -> str: ...
+    def read(
+        self,
+        name: str,
+        dataset: str | None = None,
+        columns: list[str] | None = None,
+        where: dict[str, str | Sequence[str]] | None = None,
+    ) -> pa.Table: ...
+
 
 Geometry = Literal["center-crop", "resize", "pad"]
 """How a non-square image is fitted to the model's square input (module docstring)."""
@@ -305,7 +323,7 @@ def decode_sample(data: bytes, sample_id: str) -> Image.Image:
 
 
 def read_sample_rows(
-    store: LanceStore, dataset: str, sample_ids: Sequence[str] | None, columns: Sequence[str]
+    store: SampleStore, dataset: str, sample_ids: Sequence[str] | None, columns: Sequence[str]
 ) -> pa.Table:
     """Small columns of a dataset's samples (never ``image``), in the requested order.
 
@@ -339,7 +357,7 @@ def read_sample_rows(
 
 
 def iter_image_bytes(
-    store: LanceStore, dataset: str, sample_ids: Sequence[str], rows_per_read: int = READ_ROWS
+    store: SampleStore, dataset: str, sample_ids: Sequence[str], rows_per_read: int = READ_ROWS
 ) -> Iterator[tuple[str, bytes]]:
     """``(sample_id, image bytes)`` of existing samples, in ``sample_ids`` order, read in chunks.
 
@@ -359,7 +377,7 @@ def iter_image_bytes(
 
 
 def load_training_images(
-    store: LanceStore,
+    store: SampleStore,
     dataset: str,
     *,
     channels: int,
@@ -400,7 +418,7 @@ def load_training_images(
 
 
 def images_for_unet(
-    store: LanceStore,
+    store: SampleStore,
     dataset: str,
     unet: UNet,
     sample_ids: Sequence[str] | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,16 +36,32 @@ from diffcurate.models.images import (
     READ_ROWS,
     Geometry,
     GeometryReport,
+    SampleStore,
     decode_sample,
     image_facts,
     iter_image_bytes,
     prepare_image,
     read_sample_rows,
 )
-from diffcurate.storage.lance_store import LanceStore
-from diffcurate.storage.latent_cache import LatentCache, latent_cache_key
 
 log = logging.getLogger(__name__)
+
+
+class LatentStore(Protocol):
+    """A cache of VAE latents (``storage.latent_cache.LatentCache``)."""
+
+    def key(self, vae: torch.nn.Module, size: int, geometry: str, dtype: torch.dtype) -> str: ...
+    def get(self, dataset: str, sample_ids: Sequence[str], key: str) -> dict[str, np.ndarray]: ...
+    def put(
+        self, dataset: str, sample_ids: Sequence[str], key: str, latents: torch.Tensor
+    ) -> int: ...
+
+
+class InputStore(SampleStore, Protocol):
+    """Sample tables plus their latent cache (``storage.LanceStore`` provides both)."""
+
+    @property
+    def latents(self) -> LatentStore: ...
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,7 @@ def _vae_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int) -> t
 
 
 def load_inputs(
-    store: LanceStore,
+    store: InputStore,
     dataset: str,
     model: DiffusionModel,
     sample_ids: Sequence[str] | None = None,
@@ -243,14 +260,14 @@ def load_inputs(
 
     vae: AutoencoderKL | None = None
     key = None
-    latent_cache = LatentCache(store) if cache and inputs.latent else None
+    latent_cache = store.latents if cache and inputs.latent else None
     hits: dict[str, np.ndarray] = {}
     if inputs.latent:
         assert model.vae is not None
         vae_dtype = next(model.vae.parameters()).dtype
         vae = on_device(model.vae, vae_dtype, torch.device(device))
-        key = latent_cache_key(model.vae, size, geometry, vae_dtype)
         if latent_cache is not None:
+            key = latent_cache.key(model.vae, size, geometry, vae_dtype)
             hits = latent_cache.get(dataset, ids, key)
         for sid, latent in hits.items():
             x0[position[sid]] = torch.from_numpy(latent)

@@ -19,10 +19,9 @@ import torch
 
 from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import Geometry, GeometryReport, load_training_images
-from diffcurate.models.inputs import ModelInputs, load_inputs
+from diffcurate.models.inputs import InputStore, ModelInputs, load_inputs
 from diffcurate.models.reference import SchedulerConfig, reference_model
 from diffcurate.models.vae_train import VAEConfig, VAEResult, train_vae
-from diffcurate.storage.lance_store import LanceStore
 
 BASE_DIR = "base"
 """Under a model's directory: the pipeline with the trained VAE the UNet is trained against."""
@@ -61,7 +60,7 @@ def _save_atomically(model: DiffusionModel, target: Path) -> None:
 
 
 def prepare_reference_training(
-    store: LanceStore,
+    store: InputStore,
     dataset: str,
     arch: str,
     model_dir: Path,

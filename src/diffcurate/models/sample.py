@@ -31,7 +31,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 
-from diffcurate.influence.objective import keyed_generator
+from diffcurate.keyed import keyed_generator
 from diffcurate.models.diffusion import DiffusionModel
 
 Sampler = Literal["ddpm", "ddim"]

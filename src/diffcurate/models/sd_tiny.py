@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from diffcurate.influence.objective import keyed_seed
+from diffcurate.keyed import keyed_seed
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.schedule import SchedulerConfig
 from diffcurate.models.text_encoder import TextEncoder

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule, keyed_generator
+from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
+from diffcurate.keyed import keyed_generator
 from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, save_diffusion_model
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffcurate.influence.objective import keyed_generator
+from diffcurate.keyed import keyed_generator
 from diffcurate.models.train import progress_bar
 
 

@@ -7,36 +7,23 @@ any bookkeeping beyond the data itself. Each merge is one atomic Lance commit.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING
 
 import lancedb
 import pyarrow as pa
-from pydantic import AfterValidator
 
 from diffcurate.storage.schemas import TABLES
+from diffcurate.storage.schemas import DatasetName as DatasetName
+from diffcurate.storage.schemas import validate_dataset_name as validate_dataset_name
 
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def validate_dataset_name(name: str) -> str:
-    """Dataset names end up in file names and filter expressions; keep them boring."""
-    if not _DATASET_NAME.match(name):
-        raise ValueError(
-            f"invalid dataset name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
-            "starting with a letter or digit"
-        )
-    return name
+if TYPE_CHECKING:
+    from diffcurate.storage.latent_cache import LatentCache
 
 
 def _literal(value: str) -> str:
     """A SQL string literal (quotes doubled), for Lance filter expressions."""
     return "'" + str(value).replace("'", "''") + "'"
-
-
-DatasetName = Annotated[str, AfterValidator(validate_dataset_name)]
-"""A dataset name, validated wherever it is a pydantic field (flow parameters, configs)."""
 
 
 class LanceStore:
@@ -51,6 +38,16 @@ class LanceStore:
         if name in self.db.list_tables().tables:
             return self.db.open_table(name)
         return self.db.create_table(name, schema=schema, exist_ok=True)
+
+    @property
+    def latents(self) -> LatentCache:
+        """The ``latents`` table (VAE latents cached per sample and VAE fingerprint).
+
+        Imported on use: the cache needs torch, which plain table access should not load.
+        """
+        from diffcurate.storage.latent_cache import LatentCache
+
+        return LatentCache(self)
 
     def has_table(self, name: str) -> bool:
         return name in self.db.list_tables().tables

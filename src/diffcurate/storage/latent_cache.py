@@ -29,13 +29,13 @@ import re
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
-from diffcurate.storage.schemas import LATENTS
+from diffcurate.storage.schemas import LATENTS, validate_dataset_name
 
 TABLE = "latents"
 PREPARE_VERSION = 1
@@ -114,11 +114,30 @@ def _check_key(key: str) -> str:
     return key
 
 
+class _Tables(Protocol):
+    """The table operations the cache uses (a ``LanceStore``, which also hands out caches)."""
+
+    def read(
+        self,
+        name: str,
+        dataset: str | None = None,
+        columns: list[str] | None = None,
+        where: dict[str, str | Sequence[str]] | None = None,
+    ) -> pa.Table: ...
+    def insert_new(self, name: str, rows: pa.Table) -> int: ...
+    def has_table(self, name: str) -> bool: ...
+    def table(self, name: str): ...
+
+
 class LatentCache:
     """The ``latents`` table of a workspace (created on first ``put``)."""
 
-    def __init__(self, store: LanceStore) -> None:
+    def __init__(self, store: _Tables) -> None:
         self.store = store
+
+    def key(self, vae: torch.nn.Module, size: int, geometry: str, dtype: torch.dtype) -> str:
+        """:func:`latent_cache_key`, for callers that hold only the cache."""
+        return latent_cache_key(vae, size, geometry, dtype)
 
     def get(self, dataset: str, sample_ids: Sequence[str], key: str) -> dict[str, np.ndarray]:
         """Stored latents of those ``sample_ids`` that have one under ``key``.

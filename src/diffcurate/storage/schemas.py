@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import re
+from typing import Annotated
+
 import pyarrow as pa
+from pydantic import AfterValidator
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_dataset_name(name: str) -> str:
+    """Dataset names end up in file names and filter expressions; keep them boring."""
+    if not _DATASET_NAME.match(name):
+        raise ValueError(
+            f"invalid dataset name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+DatasetName = Annotated[str, AfterValidator(validate_dataset_name)]
+"""A dataset name, validated wherever it is a pydantic field (flow parameters, configs)."""
+
 
 _TS = pa.timestamp("us", tz="UTC")
 

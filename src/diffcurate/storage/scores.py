@@ -6,19 +6,37 @@ its own rows), so both write identical rows for a shard.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from diffcurate.storage.schemas import SCORES
 
-if TYPE_CHECKING:
-    from diffcurate.influence.objective import ScoreResult
+
+class ScoredSamples(Protocol):
+    """What a row needs of a scorer's result (``influence.objective.ScoreResult`` has it).
+
+    A protocol rather than an import: storage sits below the scorers and never imports them.
+    """
+
+    @property
+    def sample_keys(self) -> Sequence[int | str]: ...
+    @property
+    def score(self) -> np.ndarray: ...
+    @property
+    def stderr(self) -> np.ndarray: ...
+    @property
+    def per_layer(self) -> np.ndarray | None: ...
+    @property
+    def per_timestep(self) -> np.ndarray | None: ...
+    @property
+    def method(self) -> str: ...
 
 
-def score_rows(result: ScoreResult, run_id: str, dataset: str, signal: str) -> pa.Table:
+def score_rows(result: ScoredSamples, run_id: str, dataset: str, signal: str) -> pa.Table:
     """One ``scores`` row per sample of ``result``, keyed ``run_id/sample_id`` (the merge key
     that makes a retried write add nothing)."""
     n = len(result.sample_keys)

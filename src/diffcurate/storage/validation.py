@@ -15,7 +15,7 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from diffcurate.config import IngestSettings
-from diffcurate.ingest.reasons import Reason
+from diffcurate.storage.reasons import Reason
 
 ROW_INDEX = "_row"
 

@@ -11,9 +11,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from diffcurate.ingest.dedup import DuplicateGroups
+from diffcurate.ingest.duplicates import write_duplicate_groups
 from diffcurate.ingest.shard import ShardResult, prepare_shard
 from diffcurate.storage.lance_store import LanceStore
-from diffcurate.storage.tables_ops import write_duplicate_groups
 
 prepare_shard_task = task(prepare_shard, name="prepare-shard", cache_policy=NO_CACHE)
 

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from diffcurate.demo.writers import write_folder
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.sources import SourceError, SourceFormat, detect_format, open_source
+from diffcurate.storage.reasons import Reason
 
 
 def test_reads_images_with_txt_and_json_sidecars(tmp_path, digit_files):

@@ -3,8 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffcurate.demo.writers import write_manifest
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.sources import SourceError, open_source
+from diffcurate.storage.reasons import Reason
 
 
 def test_parquet_with_bytes_keys_and_metadata(tmp_path, digit_files):

@@ -3,8 +3,8 @@ import json
 import tarfile
 
 from diffcurate.demo.writers import write_webdataset
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.sources import SourceFormat, detect_format, open_source
+from diffcurate.storage.reasons import Reason
 
 
 def _tar(path, members: list[tuple[str, bytes]], symlink: str | None = None) -> None:

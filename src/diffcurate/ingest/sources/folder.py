@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.records import RawRecord, decode_caption
 from diffcurate.ingest.sources.errors import SourceError
+from diffcurate.storage.reasons import Reason
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_FIELDS = ("caption", "text")

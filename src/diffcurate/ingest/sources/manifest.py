@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.records import RawRecord, decode_caption
 from diffcurate.ingest.sources.errors import SourceError
+from diffcurate.storage.reasons import Reason
 
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".tsv"})
 # Column names tried, in order, when the user does not name them. They cover img2dataset's

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
-from diffcurate.ingest.reasons import Reason
 from diffcurate.ingest.records import RawRecord, decode_caption
 from diffcurate.ingest.sources.errors import SourceError
+from diffcurate.storage.reasons import Reason
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Fields img2dataset writes into every .json that are not metadata about the sample itself.

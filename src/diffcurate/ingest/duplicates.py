@@ -1,4 +1,8 @@
-"""Operations that read one table and write a derived one."""
+"""The ``duplicates`` table: a dataset's duplicate groups, recomputed from its stored samples.
+
+Ingestion owns it because the groups come from the hashes and embeddings ingestion computes;
+storage only provides the tables (storage never imports ingest).
+"""
 
 from __future__ import annotations
 
