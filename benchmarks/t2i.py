@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-hygiene", action="store_true", help="only part 1 (the risk scorers)")
     args = parser.parse_args(argv)
     _setup_env(args.threads)
 
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             f"top {some['P']}."
         )
 
+    if args.no_hygiene:
+        return 0
     print("\n## Hygiene run (fine-tune) with the T2I gate\n")
     measure = MeasureConfig(
         generations=args.generations,
