@@ -14,7 +14,8 @@ state depends only on its own keyed draws (tests check equality in float64).
 Disk cost: C·T·d numbers (4 bytes each in float32): with the paper's defaults (4 chains × 100
 draws) about 1.1 GB for the 0.7M-parameter ``digits-8px`` UNet. Memory: one state at a time
 (the file is memory-mapped) plus the shard's draws. A crash while recording leaves only a
-``.partial`` file; the states are published by an atomic rename.
+``.partial`` file; the states are published by an atomic rename. Where C·T·d numbers are too
+many to store, :mod:`diffcurate.influence.bif_replay` gives the same scores from digests only.
 
 Pure torch + numpy: imports no prefect, lancedb, duckdb or great_expectations.
 """
