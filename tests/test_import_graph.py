@@ -194,3 +194,36 @@ def test_exceptions_are_still_needed():
     edges = graph()
     stale = [f"{a} -> {b}" for a, b in EXCEPTIONS if b not in edges.get(a, set())]
     assert not stale, "remove stale exceptions: " + ", ".join(stale)
+
+
+def private_names(tree: ast.Module) -> set[str]:
+    """Underscore names a module defines at top level or in its classes."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found.update(t.id for t in targets if isinstance(t, ast.Name))
+            found.update(t.attr for t in targets if isinstance(t, ast.Attribute))
+    return {n for n in found if n.startswith("_") and not n.endswith("__")}
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A helper another module needs is public: private names stay free to change."""
+    trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in modules().items()}
+    own = {name: private_names(tree) for name, tree in trees.items()}
+    elsewhere = set().union(*own.values())
+    bad = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
+                bad += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and a.name != "__version__"]  # fmt: skip
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in elsewhere - own[name]
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                bad.append(f"{name}:{node.lineno} uses {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)

@@ -23,9 +23,9 @@ def invoke(*args, env=None):
 def ws(workspace, digit_files):
     """A workspace with 12 digit samples and two candidates (the second failed its gates)."""
     settings = load_settings(workspace)
-    store = LanceStore(settings.lancedb_uri)
+    store = LanceStore(settings.layout.lancedb_uri)
     store.insert_new("samples", sample_rows(digit_files[:12], "digits"))
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.layout.ledger_path)
     ids = sorted(store.read("samples", columns=["sample_id"])["sample_id"].to_pylist())
     rel.create_candidate(store, ledger, "digits", ids[2:], ids[:2],
                          {"runs": {"score": "score-1"}, "gate_passed": True})  # fmt: skip

@@ -37,6 +37,7 @@ from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.sketches import SketchStore
+from diffcurate.workspace import Workspace
 
 ATTRIBUTION_SCORERS = ("dmin", "ekfac", "trak", "d-trak")
 
@@ -228,8 +229,9 @@ def attribute_image(
         raise AttributionError("--top-k must be >= 1")
     if not model_path.exists():
         raise FileNotFoundError(f"model not found: {model_path}")
-    store = LanceStore(str(workspace / "lancedb"))
-    ledger = Ledger(workspace / "ledger.duckdb")
+    layout = Workspace(workspace)
+    store = LanceStore(layout.lancedb_uri)
+    ledger = Ledger(layout.ledger_path)
     run = find_run(ledger, scorer, model_path, run_id, dataset)
     if run is not None and load is None:
         load = LoadOptions.model_validate(run["params"].get("load") or {})
@@ -261,7 +263,7 @@ def attribute_image(
             spec = ScorerSpec(signal=scorer)  # type: ignore[arg-type]
         assert spec.signal in FIT_SET
         ids, scores, searched = _exact_over_dataset(
-            store, dataset, spec, model, query, top_k, workspace / "cache", shard_size
+            store, dataset, spec, model, query, top_k, layout.cache_dir, shard_size
         )
         mode = "exact over the dataset"
     seconds = time.perf_counter() - started

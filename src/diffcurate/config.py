@@ -5,7 +5,7 @@ environment variables ``DIFFCURATE_*`` (nested with ``__``, e.g. ``DIFFCURATE_CL
 a TOML file (``./diffcurate.toml``, or the path in ``DIFFCURATE_CONFIG``), then defaults.
 
 Everything a run writes lives under one workspace directory so that a workspace can be copied,
-archived or deleted as a unit.
+archived or deleted as a unit; :class:`~diffcurate.workspace.Workspace` names its paths.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from diffcurate.workspace import Workspace
 
 CONFIG_ENV_VAR = "DIFFCURATE_CONFIG"
 DEFAULT_CONFIG_FILE = "diffcurate.toml"
@@ -128,26 +130,10 @@ class Settings(BaseSettings):
             raise FileNotFoundError(f"{CONFIG_ENV_VAR} points to {toml_path}, which does not exist")
         return tuple(sources)
 
-    # Workspace layout -------------------------------------------------------------------
     @property
-    def lancedb_uri(self) -> str:
-        return str(self.workspace / "lancedb")
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.workspace / "ledger.duckdb"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.workspace / "models"
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.workspace / "artifacts"
-
-    @property
-    def prefect_home(self) -> Path:
-        return self.workspace / ".prefect"
+    def layout(self) -> Workspace:
+        """Every path under ``workspace`` (see :mod:`diffcurate.workspace`)."""
+        return Workspace(self.workspace)
 
 
 def apply_threads(threads: int | None) -> None:

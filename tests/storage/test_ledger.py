@@ -4,7 +4,9 @@ import sys
 import duckdb
 import pytest
 
+from diffcurate.storage import reviews
 from diffcurate.storage.ledger import SCHEMA_VERSION, Ledger, LedgerVersionError
+from diffcurate.storage.users import User, UserStore, hash_token
 
 
 def test_run_lifecycle_and_stats_roundtrip(tmp_path):
@@ -71,6 +73,48 @@ def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
         ledger.reopen_run(b)
 
 
+def test_recording_completes_a_run_with_its_stats(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    with ledger.recording("ingest", dataset="d", source="/s", params={"a": 1}) as run:
+        assert ledger.run(run.run_id)["status"] == "running"
+        done = {"n": 0}
+        run.stats = lambda: dict(done)
+        done["n"] = 3
+    row = ledger.run(run.run_id)
+    assert (row["status"], row["stats"], row["params"], row["error"]) == (
+        "completed",
+        {"n": 3},
+        {"a": 1},
+        None,
+    )
+    assert not run.resumed
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), KeyboardInterrupt()])
+def test_recording_fails_a_run_on_any_exception_and_reraises(tmp_path, error):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    with pytest.raises(type(error)), ledger.recording("score") as run:
+        run.stats = lambda: {"scored": 2}
+        raise error
+    row = ledger.run(run.run_id)
+    assert (row["status"], row["stats"]) == ("failed", {"scored": 2})
+    assert row["error"] == repr(error)
+
+
+def test_recording_resumes_the_failed_run_with_the_same_fingerprint(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    with (
+        pytest.raises(RuntimeError),
+        ledger.recording("score", params={"fingerprint": "fp"}, resume="fp") as first,
+    ):
+        raise RuntimeError("killed")
+    with ledger.recording("score", params={"fingerprint": "fp"}, resume="fp") as again:
+        assert again.resumed and again.run_id == first.run_id
+    with ledger.recording("score", params={"fingerprint": "fp"}, resume="fp") as fresh:
+        assert not fresh.resumed and fresh.run_id != first.run_id  # completed: not resumed
+    assert [r["status"] for r in ledger.runs()] == ["completed", "completed"]
+
+
 # Decision tables ---------------------------------------------------------------------------
 
 
@@ -90,10 +134,55 @@ def test_version_1_ledger_is_upgraded_in_place_and_keeps_its_runs(tmp_path):
             "NULL, '{}', '{}', NULL, 'h', 1)"
         )
     ledger = Ledger(path)
-    assert ledger.schema_version == SCHEMA_VERSION == 2
+    assert ledger.schema_version == SCHEMA_VERSION == 3
     assert ledger.run("old-run")["kind"] == "ingest"
     ledger.record_decision("d-candidate-1", action="reject", actor="a", role="approver")
     assert len(ledger.decisions()) == 1
+
+
+def test_version_2_ledger_with_self_made_users_and_marks_tables_is_upgraded(tmp_path):
+    """Before version 3, storage.users and storage.reviews created their own tables."""
+    path = tmp_path / "ledger.duckdb"
+    Ledger(path)
+    with duckdb.connect(str(path)) as con:  # back to version 2, then the old modules' DDL
+        con.execute("UPDATE ledger_meta SET value = '2' WHERE name = 'schema_version'")
+        con.execute("DROP TABLE users")
+        con.execute("DROP TABLE review_marks")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS users (name VARCHAR PRIMARY KEY, role VARCHAR NOT NULL, "
+            "token_hash VARCHAR NOT NULL UNIQUE, created_at TIMESTAMPTZ NOT NULL, "
+            "created_by VARCHAR NOT NULL)"
+        )
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS review_marks (mark_id VARCHAR PRIMARY KEY, tag VARCHAR "
+            "NOT NULL, sample_id VARCHAR NOT NULL, sample_ids JSON NOT NULL, mark VARCHAR NOT "
+            "NULL, actor VARCHAR NOT NULL, role VARCHAR NOT NULL, comment VARCHAR NOT NULL, "
+            "created_at TIMESTAMPTZ NOT NULL)"
+        )
+        con.execute(
+            "INSERT INTO users VALUES ('ann', 'approver', ?, now(), 'cli')", [hash_token("t0k")]
+        )
+        con.execute(
+            "INSERT INTO review_marks VALUES ('m1', 'd-candidate-1', 's1', '[\"s1\"]', 'keep', "
+            "'rev', 'reviewer', '', now())"
+        )
+    ledger = Ledger(path)
+    assert ledger.schema_version == 3
+    assert UserStore(path).authenticate("t0k") == User(name="ann", role="approver")
+    assert [(m["mark_id"], m["sample_ids"]) for m in reviews.marks(ledger)] == [("m1", ["s1"])]
+    UserStore(path).add("bob", "viewer")  # the tables keep working
+    assert [u["name"] for u in UserStore(path).list()] == ["ann", "bob"]
+
+
+def test_a_fresh_ledger_has_every_table_so_no_module_creates_its_own(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    with ledger.connect(read_only=True) as con:
+        tables = {
+            r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
+    assert {"runs", "audits", "gate_checks", "releases", "decisions", "users",
+            "review_marks"} <= tables  # fmt: skip
+    assert reviews.marks(ledger) == [] and UserStore(ledger.path).list() == []
 
 
 def test_newer_ledger_is_refused(tmp_path):

@@ -81,7 +81,7 @@ def workspace_settings(workspace: Path | None) -> Settings:
     settings.workspace.mkdir(parents=True, exist_ok=True)
     apply_threads(settings.threads)
     # Prefect's ephemeral mode keeps its state in PREFECT_HOME: keep it inside the workspace.
-    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
+    os.environ.setdefault("PREFECT_HOME", str(settings.layout.prefect_home.resolve()))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The ephemeral server's telemetry writer races the API for the SQLite lock.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

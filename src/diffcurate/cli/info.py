@@ -32,7 +32,7 @@ def runs(
     from diffcurate.storage.ledger import Ledger
 
     settings = workspace_settings(workspace)
-    rows = Ledger(settings.ledger_path).runs(kind=kind, dataset=dataset)
+    rows = Ledger(settings.layout.ledger_path).runs(kind=kind, dataset=dataset)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -64,7 +64,7 @@ def quarantine(
     from diffcurate.storage.lance_store import LanceStore
 
     settings = workspace_settings(workspace)
-    store = LanceStore(settings.lancedb_uri)
+    store = LanceStore(settings.layout.lancedb_uri)
     table = store.read(
         "quarantine", dataset=dataset, columns=["dataset", "key", "source", "reason", "detail"]
     ).to_pylist()
@@ -86,7 +86,7 @@ def datasets(workspace: WorkspaceOpt = None) -> None:
     from diffcurate.storage.lance_store import LanceStore
 
     settings = workspace_settings(workspace)
-    store = LanceStore(settings.lancedb_uri)
+    store = LanceStore(settings.layout.lancedb_uri)
     samples = Counter(store.read("samples", columns=["dataset"]).column("dataset").to_pylist())
     quarantined = Counter(
         store.read("quarantine", columns=["dataset"]).column("dataset").to_pylist()

@@ -51,7 +51,7 @@ def _open_settings(settings):
     from diffcurate.storage.lance_store import LanceStore
     from diffcurate.storage.ledger import Ledger
 
-    return LanceStore(settings.lancedb_uri), Ledger(settings.ledger_path)
+    return LanceStore(settings.layout.lancedb_uri), Ledger(settings.layout.ledger_path)
 
 
 def _refuse(e: Exception) -> typer.Exit:
@@ -168,7 +168,7 @@ def approve(
     settings = workspace_settings(workspace)
     try:
         # Open the ledger under the lock: a waiting process stays off DuckDB's file lock.
-        with approval.decision_lock(settings.ledger_path):
+        with approval.decision_lock(settings.layout.ledger_path):
             store, ledger = _open_settings(settings)
             done = approval.approve(store, ledger, tag, who, comment, override=override)
     except approval.ApprovalRefused as e:
@@ -198,7 +198,7 @@ def reject(
     who = _actor(actor)
     settings = workspace_settings(workspace)
     try:
-        with approval.decision_lock(settings.ledger_path):
+        with approval.decision_lock(settings.layout.ledger_path):
             store, ledger = _open_settings(settings)
             approval.reject(store, ledger, tag, who, comment)
     except approval.ApprovalRefused as e:

@@ -63,78 +63,51 @@ def train(
     (--vae-steps, saved once to WORKSPACE/models/NAME/base/), then the UNet on the VAE's
     latents with the frozen text encoder's caption states.
     """
-    import time
-
     settings = workspace_settings(workspace)
+    from diffcurate.flows.train import TrainParams, train_flow
     from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.models.images import GEOMETRIES, ImageLoadError
-    from diffcurate.models.reference import SchedulerConfig
-    from diffcurate.models.reference_training import prepare_reference_training
+    from diffcurate.models.schedule import SchedulerConfig
     from diffcurate.models.train import TrainConfig
-    from diffcurate.models.train import train as train_model
     from diffcurate.models.vae_train import VAEConfig
-    from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
-    from diffcurate.storage.ledger import Ledger
+    from diffcurate.storage.lance_store import validate_dataset_name
 
     name = name or f"{dataset}-{arch}"
-    model_dir = settings.models_dir / name
     try:
         validate_dataset_name(dataset)
         validate_dataset_name(name)
         if geometry not in GEOMETRIES:
             raise ValueError(f"unknown --geometry {geometry!r}; use center-crop, resize or pad")
-        config = TrainConfig(
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-            checkpoint_every=checkpoint_every, device=device,
-            caption_dropout=caption_dropout if arch == "sd-tiny" else 0.0,
+        params = TrainParams(
+            dataset=dataset, name=name, arch=arch, geometry=geometry,
+            scheduler=SchedulerConfig(prediction_type=prediction),
+            train=TrainConfig(
+                steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                checkpoint_every=checkpoint_every, device=device,
+                caption_dropout=caption_dropout if arch == "sd-tiny" else 0.0,
+            ),
+            vae=VAEConfig(steps=vae_steps, seed=seed, device=device),
+            workspace=settings.workspace, progress=True,
         )  # fmt: skip
-        vae_config = VAEConfig(steps=vae_steps, seed=seed, device=device)
-        scheduler = SchedulerConfig(prediction_type=prediction)
     except (ValidationError, ValueError, KeyError) as e:
         raise fail(str(e)) from e
-    ledger = Ledger(settings.ledger_path)
-    run_id = ledger.start_run(
-        "train", dataset=dataset, source=arch,
-        params={"name": name, "arch": arch, "prediction": prediction, "geometry": geometry,
-                "vae_steps": vae_steps, **config.model_dump()},
-    )  # fmt: skip
-    started = time.perf_counter()
     try:
-        data = prepare_reference_training(
-            LanceStore(settings.lancedb_uri), dataset, arch, model_dir, seed=seed,
-            scheduler=scheduler, vae=vae_config, geometry=geometry, progress=True,
-        )  # fmt: skip
-        if data.vae is not None:
-            out.print(
-                f"trained the {arch} VAE: {vae_steps} steps, reconstruction RMSE "
-                f"{data.vae.recon_rmse:.4f} ({data.vae.seconds:.1f} s)"
-            )
-        if (warning := data.geometry.warning()) is not None:
-            err.print(f"[yellow]warning:[/yellow] {warning}")
-        result = train_model(
-            data.model, data.x0, config, checkpoint_dir=model_dir / "checkpoints",
-            conditioning=data.conditioning, unconditional=data.unconditional,
-        )  # fmt: skip
+        summary = train_flow(params)
     except (ValidationError, ValueError, KeyError, ImageLoadError) as e:
-        ledger.finish_run(run_id, status="failed", error=repr(e))
         raise fail(str(e)) from e
     except (FloatingPointError, ModelLoadError) as e:
-        ledger.finish_run(run_id, status="failed", error=repr(e))
         raise fail(str(e)) from e
-    tail = result.losses[-100:]
-    stats = {
-        "images": len(data.sample_ids), "start_step": result.start_step,
-        "final_step": result.final_step, "model": str(result.checkpoint),
-        "final_loss": sum(tail) / max(len(tail), 1),
-        "geometry": data.geometry.model_dump(mode="json"),
-        "vae_recon_rmse": None if data.vae is None else data.vae.recon_rmse,
-        "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
-    ledger.finish_run(run_id, status="completed", stats=stats)
+    if summary.vae_seconds is not None:
+        out.print(
+            f"trained the {arch} VAE: {vae_steps} steps, reconstruction RMSE "
+            f"{summary.vae_recon_rmse:.4f} ({summary.vae_seconds:.1f} s)"
+        )
+    if summary.geometry_warning is not None:
+        err.print(f"[yellow]warning:[/yellow] {summary.geometry_warning}")
     out.print(
-        f"trained {arch} on {stats['images']} images: steps {result.start_step} -> "
-        f"{result.final_step}, final loss {stats['final_loss']:.4f}, {stats['seconds']} s\n"
-        f"model: {result.checkpoint}"
+        f"trained {arch} on {summary.images} images: steps {summary.start_step} -> "
+        f"{summary.final_step}, final loss {summary.final_loss:.4f}, {summary.seconds} s\n"
+        f"model: {summary.model}"
     )
 
 

@@ -33,7 +33,7 @@ def users_add(
 
     settings = workspace_settings(workspace)
     try:
-        token = UserStore(settings.ledger_path).add(name, role)
+        token = UserStore(settings.layout.ledger_path).add(name, role)
     except UserError as e:
         raise fail(str(e)) from e
     out.print(f"created {role} {name}; their token (shown only now, store it safely):")
@@ -47,7 +47,7 @@ def users_list(workspace: WorkspaceOpt = None) -> None:
 
     from diffcurate.storage.users import UserStore
 
-    rows = UserStore(workspace_settings(workspace).ledger_path).list()
+    rows = UserStore(workspace_settings(workspace).layout.ledger_path).list()
     if not rows:
         out.print("no users yet: add one with diffcurate users add NAME --role ROLE")
         return
@@ -70,7 +70,7 @@ def serve(
 
     settings = workspace_settings(workspace)
     app = create_app(settings.workspace)
-    if not UserStore(settings.ledger_path).list():
+    if not UserStore(settings.layout.ledger_path).list():
         err.print("[yellow]note:[/yellow] no users yet; add one with "
                   "`diffcurate users add NAME --role approver`")  # fmt: skip
     if host not in _LOCAL:

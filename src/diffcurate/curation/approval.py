@@ -43,8 +43,8 @@ from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.locks import LockTimeout, exclusive
 from diffcurate.storage.users import User, UserStore
+from diffcurate.workspace import Workspace
 
-LOCK_FILE = "release.lock"
 LOCK_TIMEOUT_S = 120.0
 Reason = Literal["not_found", "invalid", "forbidden", "conflict"]
 
@@ -80,7 +80,7 @@ class Approval:
 
 def lock_path(ledger_path: Path) -> Path:
     """The workspace's decision lock file (beside ``ledger.duckdb``)."""
-    return Path(ledger_path).parent / LOCK_FILE
+    return Workspace(Path(ledger_path).parent).release_lock
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from diffcurate.storage import reviews
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.users import UserStore
+from diffcurate.workspace import Workspace
 
 NEIGHBOURS = 3
 
@@ -96,8 +97,9 @@ class DashboardData:
 
     def __init__(self, workspace: Path) -> None:
         self.workspace = Path(workspace)
-        self.ledger = Ledger(self.workspace / "ledger.duckdb")
-        self.store = LanceStore(str(self.workspace / "lancedb"))
+        self.layout = Workspace(self.workspace)
+        self.ledger = Ledger(self.layout.ledger_path)
+        self.store = LanceStore(self.layout.lancedb_uri)
         self.users = UserStore(self.ledger.path)
         self.lock = threading.RLock()
         self.thumbs = ThumbCache()
@@ -110,13 +112,11 @@ class DashboardData:
             return self.ledger.runs()
 
     def run(self, run_id: str) -> dict[str, Any]:
-        with self.lock:  # one row, not Ledger.run's scan of every run
-            rows = self.ledger._select(
-                "SELECT * FROM runs WHERE run_id = ?", [run_id], ("params", "stats")
-            )
-        if not rows:
-            raise NotFound(run_id)
-        return rows[0]
+        with self.lock:
+            try:
+                return self.ledger.run(run_id)
+            except KeyError:
+                raise NotFound(run_id) from None
 
     def release_status(self) -> dict[str, rel.ReleaseInfo]:
         with self.lock:
@@ -270,7 +270,7 @@ class DashboardData:
         """The saved closest generation of one secret (inside the run's gate directory)."""
         if secret_id not in (run["stats"].get("secrets") or []):
             raise NotFound(secret_id)
-        base = (self.workspace / "runs" / run["run_id"] / "gate").resolve()
+        base = self.layout.gate_dir(run["run_id"]).resolve()
         stored = run["stats"].get("gate_images") or ""
         if stored and not (base / phase).is_dir():
             base = Path(stored).resolve()

@@ -44,6 +44,7 @@ from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.tasks.score import load_model
+from diffcurate.workspace import Workspace
 
 ORIGINAL = "original"
 """Scorer name of the row that measures the model as it is (no pruning, no mitigation)."""
@@ -132,14 +133,15 @@ def eval_flow(params: EvalParams) -> EvalSummary:
     log = get_run_logger()
     started = time.perf_counter()
     ws = params.workspace
-    store = LanceStore(str(ws / "lancedb"))
-    ledger = Ledger(ws / "ledger.duckdb")
+    layout = Workspace(ws)
+    store = LanceStore(layout.lancedb_uri)
+    ledger = Ledger(layout.ledger_path)
     if not params.model.exists():
         raise FileNotFoundError(f"model not found: {params.model}")
-    run_id = ledger.start_run("eval", dataset=params.dataset, source=str(params.model),
-                              params=params.model_dump(mode="json"))  # fmt: skip
-    summary = EvalSummary(run_id=run_id, dataset=params.dataset)
-    try:
+    with ledger.recording("eval", dataset=params.dataset, source=str(params.model),
+                          params=params.model_dump(mode="json")) as run:  # fmt: skip
+        summary = EvalSummary(run_id=run.run_id, dataset=params.dataset)
+        run.stats = lambda: summary.model_dump(mode="json")
         samples = store.read("samples", params.dataset,
                              columns=["sample_id", "key", "caption", "metadata"])  # fmt: skip
         frame = metadata_frame(samples.to_pylist())
@@ -201,9 +203,4 @@ def eval_flow(params: EvalParams) -> EvalSummary:
                        secrets_removed=sum(s in removed_set for s in secret_ids),
                        score_seconds=score_seconds)  # fmt: skip
         summary.seconds = round(time.perf_counter() - started, 3)
-    except BaseException as err:
-        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(mode="json"),
-                          error=repr(err))  # fmt: skip
-        raise
-    ledger.finish_run(run_id, status="completed", stats=summary.model_dump(mode="json"))
     return summary

@@ -57,6 +57,7 @@ from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.releases import ReleaseInfo, create_candidate
 from diffcurate.tasks.score import load_model
+from diffcurate.workspace import Workspace
 
 MAX_AUTO_GROUPS = 20
 """Metadata keys with 2..20 distinct values are audited when no attributes are named."""
@@ -254,15 +255,17 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
     log = get_run_logger()
     started = time.perf_counter()
     ws = params.workspace
-    store = LanceStore(str(ws / "lancedb"))
-    ledger = Ledger(ws / "ledger.duckdb")
+    layout = Workspace(ws)
+    store = LanceStore(layout.lancedb_uri)
+    ledger = Ledger(layout.ledger_path)
     if not params.model.exists():
         raise FileNotFoundError(f"model not found: {params.model}")
-    run_id = ledger.start_run("hygiene", dataset=params.dataset, source=str(params.model),
-                              params=params.model_dump(mode="json"))  # fmt: skip
-    summary = HygieneSummary(run_id=run_id, dataset=params.dataset)
-    clock = _StageClock(summary.stage_seconds)
-    try:
+    with ledger.recording("hygiene", dataset=params.dataset, source=str(params.model),
+                          params=params.model_dump(mode="json")) as run:  # fmt: skip
+        run_id = run.run_id
+        summary = HygieneSummary(run_id=run_id, dataset=params.dataset)
+        run.stats = lambda: summary.model_dump(mode="json")
+        clock = _StageClock(summary.stage_seconds)
         # 1. Score.
         if params.score_run is None:
             scored = score_flow(
@@ -341,7 +344,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             quote(model), quote(kept_inputs.x0), params.mitigation,
             quote(caption_embeddings(model, frame, kept)), params.progress, quote(uncond),
         )  # fmt: skip
-        out_dir = ws / "models" / f"{params.dataset}-hygiene-{run_id}"
+        out_dir = layout.hygiene_model_dir(params.dataset, run_id)
         save_diffusion_model(candidate, out_dir)
         summary.mitigation = (
             f"{params.mitigation.method}: {params.mitigation.steps_for(len(kept))} steps"
@@ -363,7 +366,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         )  # fmt: skip
         summary.secrets, summary.secret_samples = images.secret_ids, images.n_secret_samples
         summary.reference = images.reference_described
-        gate_dir = ws / "runs" / run_id / "gate"
+        gate_dir = layout.gate_dir(run_id)
         before = measure_task(quote(model), quote(images), params.measure, gate_dir / "before")
         # One yardstick: a τ calibrated on the model before mitigation also judges the candidate.
         summary.mem_tau, summary.mem_rule = before.mem.threshold, before.mem.metric
@@ -423,9 +426,4 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         summary.release_tag = release.tag
         clock.lap("release")
         summary.seconds = round(time.perf_counter() - started, 3)
-    except BaseException as err:
-        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(mode="json"),
-                          error=repr(err))  # fmt: skip
-        raise
-    ledger.finish_run(run_id, status="completed", stats=summary.model_dump(mode="json"))
     return summary

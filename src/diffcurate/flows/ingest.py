@@ -31,6 +31,7 @@ from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.validation import SampleBatchValidator
 from diffcurate.tasks.ingest import dedup, prepare_shard_task, write_shard
+from diffcurate.workspace import Workspace
 
 T = TypeVar("T")
 
@@ -96,21 +97,20 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         caption_column=params.caption_column,
         key_column=params.key_column,
     )
-    store = LanceStore(str(params.workspace / "lancedb"))
-    ledger = Ledger(params.workspace / "ledger.duckdb")
-    # 2. Ledger.
+    workspace = Workspace(params.workspace)
+    store = LanceStore(workspace.lancedb_uri)
+    ledger = Ledger(workspace.ledger_path)
+    # 2. Ledger (step 6 closes the run when the block ends).
     for stale in ledger.mark_interrupted():
         log.warning("run %s died before finishing; marked interrupted", stale)
-    run_id = ledger.start_run(
-        "ingest",
-        dataset=dataset,
-        source=str(params.source),
-        params=params.model_dump(mode="json"),
-    )
-    summary = IngestSummary(
-        run_id=run_id, dataset=dataset, source=str(params.source), format=source.format_name
-    )
-    try:
+    with ledger.recording(
+        "ingest", dataset=dataset, source=str(params.source), params=params.model_dump(mode="json")
+    ) as run:
+        run_id = run.run_id
+        summary = IngestSummary(
+            run_id=run_id, dataset=dataset, source=str(params.source), format=source.format_name
+        )
+        run.stats = summary.model_dump
         # 3. Embedder.
         embedder = None
         if params.clip.enabled:
@@ -184,10 +184,5 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         summary.duplicates = groups.summary()
         summary.dataset_samples = store.count("samples", dataset)
         summary.seconds = round(time.perf_counter() - started, 3)
-    except BaseException as err:
-        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(), error=repr(err))
-        raise
-    # 6. Close the run.
-    ledger.finish_run(run_id, status="completed", stats=summary.model_dump())
     log.info("ingest %s: %s", run_id, summary.model_dump_json())
     return summary

@@ -57,6 +57,7 @@ from diffcurate.tasks.score import (
     write_sketches,
 )
 from diffcurate.tasks.shards import save_state
+from diffcurate.workspace import Workspace
 
 
 class ScoreParams(BaseModel):
@@ -186,17 +187,17 @@ def _score_distributed(
     shards: list[list[str]],
     uses_model: bool,
     state: RunState | None,
-    cache_dir: Path,
     summary: ScoreSummary,
     on_shard: Callable[[int], None],
 ) -> None:
     """Step 5 on a Dask cluster: save the run state for the workers, map the shards."""
     log = get_run_logger()
+    layout = Workspace(params.workspace).resolved()
     state_path = None
     if state is not None:
-        state_path = str(save_state(state, cache_dir / "runs" / run_id / "state.pt"))
+        state_path = str(save_state(state, layout.run_state_path(run_id)))
     model_dir = str(params.model.resolve()) if uses_model and params.model is not None else None
-    store = LanceStore(str((params.workspace / "lancedb").resolve()))
+    store = LanceStore(layout.lancedb_uri)
     with dask_task_runner(params.dask) as runner:
         outcome = run_sharded(
             runner=runner, store=store, dataset=params.dataset, run_id=run_id, shards=shards,
@@ -229,34 +230,31 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
     """Score every sample of a dataset with one scorer (or sketch it, for dmin); resumable."""
     log = get_run_logger()
     started = time.perf_counter()
-    uri = str(params.workspace / "lancedb")
+    layout = Workspace(params.workspace)
+    uri = layout.lancedb_uri
     store = LanceStore(uri)
-    ledger = Ledger(params.workspace / "ledger.duckdb")
+    ledger = Ledger(layout.ledger_path)
     spec = params.scorer
     # 1. Run identity.
     if params.model is not None and not params.model.exists():
         raise FileNotFoundError(f"model not found: {params.model}")
     fingerprint = run_fingerprint(params)
-    run_id = ledger.resumable_run("score", fingerprint) if params.resume else None
-    resumed = run_id is not None
-    if run_id is not None:
-        ledger.reopen_run(run_id)
-        log.warning("resuming interrupted run %s", run_id)
-    else:
-        run_id = ledger.start_run(
-            "score",
-            dataset=params.dataset,
-            source=str(params.model or "-"),
-            params={**params.model_dump(mode="json"), "fingerprint": fingerprint},
-        )
-    summary = ScoreSummary(
-        run_id=run_id, dataset=params.dataset, signal=spec.signal, resumed=resumed,
-        timesteps=list(spec.effective_timesteps), runner=params.runner,
-    )  # fmt: skip
     distributed = params.runner == "dask"
     # Workers may run elsewhere: give them absolute paths (a shared file system or mount).
-    cache_dir = (params.workspace.resolve() if distributed else params.workspace) / "cache"
-    try:
+    cache_dir = (layout.resolved() if distributed else layout).cache_dir
+    with ledger.recording(
+        "score", dataset=params.dataset, source=str(params.model or "-"),
+        params={**params.model_dump(mode="json"), "fingerprint": fingerprint},
+        resume=fingerprint if params.resume else None,
+    ) as run:  # fmt: skip
+        run_id, resumed = run.run_id, run.resumed
+        if resumed:
+            log.warning("resuming interrupted run %s", run_id)
+        summary = ScoreSummary(
+            run_id=run_id, dataset=params.dataset, signal=spec.signal, resumed=resumed,
+            timesteps=list(spec.effective_timesteps), runner=params.runner,
+        )  # fmt: skip
+        run.stats = summary.model_dump
         # 2. Model.
         model = None
         if params.model is not None and spec.uses_model:
@@ -298,7 +296,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
         with progress_bar("score", params.progress) as bar, tags(*shard_tags(spec, params.tags)):
             task = bar.add_task("score", total=len(ids), completed=len(done))
             if distributed and shards:
-                _score_distributed(params, run_id, shards, model is not None, state, cache_dir,
+                _score_distributed(params, run_id, shards, model is not None, state,
                                    summary, lambda n: bar.update(task, advance=n))  # fmt: skip
                 shards = []
             for shard in shards:
@@ -332,8 +330,4 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                 q: float(np.quantile(values, float(q))) for q in ("0.01", "0.5", "0.99")
             }
         summary.seconds = round(time.perf_counter() - started, 3)
-    except BaseException as err:
-        ledger.finish_run(run_id, status="failed", stats=summary.model_dump(), error=repr(err))
-        raise
-    ledger.finish_run(run_id, status="completed", stats=summary.model_dump())
     return summary

@@ -5,7 +5,8 @@ it holds the file open only for the duration of each write so readers such as th
 never locked out for a whole run. Bulk rows never go here; they go to LanceDB.
 
 Besides ``runs``, the ledger holds the decision tables: ``audits``, ``gate_checks``,
-``releases`` and ``decisions``. They are append-only: this class offers no method that updates
+``releases``, ``decisions`` and ``review_marks``, and the dashboard's ``users``. All their DDL
+is here, under one schema version. They are append-only: this class offers no method that updates
 or deletes their rows, and each row is timestamped (and, for decisions, attributed).
 """
 
@@ -15,17 +16,20 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 2
-"""1: runs. 2: + audits, gate_checks, releases, decisions (additive; opening a version-1 ledger
-creates the new tables and bumps the stored version)."""
+SCHEMA_VERSION = 3
+"""1: runs. 2: + audits, gate_checks, releases, decisions. 3: ``users`` and ``review_marks``
+come under this versioning (earlier they were created by their own modules, with the same
+DDL). Every step is additive: opening an older ledger creates the missing tables and bumps the
+stored version."""
 
 RELEASE_KINDS = ("candidate", "release")
 DECISION_ACTIONS = ("approve", "reject", "override")
@@ -93,6 +97,25 @@ _DDL = [
         comment     VARCHAR NOT NULL,
         created_at  TIMESTAMPTZ NOT NULL
     )""",
+    # Version 3: dashboard users (storage.users) and reviewer marks (storage.reviews).
+    """CREATE TABLE IF NOT EXISTS users (
+        name       VARCHAR PRIMARY KEY,
+        role       VARCHAR NOT NULL,
+        token_hash VARCHAR NOT NULL UNIQUE,   -- sha256 hex of the token; never the token
+        created_at TIMESTAMPTZ NOT NULL,
+        created_by VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS review_marks (
+        mark_id    VARCHAR PRIMARY KEY,
+        tag        VARCHAR NOT NULL,     -- the candidate marked on
+        sample_id  VARCHAR NOT NULL,     -- the sample the reviewer looked at
+        sample_ids JSON NOT NULL,        -- every id the mark covers (its exact-duplicate group)
+        mark       VARCHAR NOT NULL,     -- keep | remove
+        actor      VARCHAR NOT NULL,
+        role       VARCHAR NOT NULL,
+        comment    VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL
+    )""",
 ]
 
 
@@ -114,13 +137,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass
+class RunScope:
+    """The run a :meth:`Ledger.recording` block is recording.
+
+    Attributes:
+        run_id: The run's id (new, or the resumed run's).
+        resumed: True when an interrupted or failed run with the same fingerprint was reopened.
+        stats: Called when the run closes, completed or failed, for the ``stats`` it stores;
+            set it as soon as the summary exists so a failure still records what was done.
+    """
+
+    run_id: str
+    resumed: bool = False
+    stats: Callable[[], dict[str, Any]] | None = None
+
+
 class Ledger:
     """Append-mostly record of runs in ``ledger.duckdb``."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(_DDL[0])
             row = con.execute(
                 "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
@@ -142,7 +181,12 @@ class Ledger:
                 )
 
     @contextmanager
-    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection held only for the enclosed block (readers are never locked out long).
+
+        For the modules that own a ledger table's rows (users, reviews, releases); the tables
+        themselves are created here.
+        """
         con = duckdb.connect(str(self.path), read_only=read_only)
         try:
             yield con
@@ -159,7 +203,7 @@ class Ledger:
     ) -> str:
         """Record a run as started; returns its id."""
         run_id = f"{kind}-{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(
                 "INSERT INTO runs (run_id, kind, dataset, source, status, started_at, params, "
                 "host, pid) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
@@ -188,7 +232,7 @@ class Ledger:
         if status not in {"completed", "failed"}:
             raise ValueError(f"unknown final status {status!r}")
         finished = _now()
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, "
                 "seconds = epoch_ms(?::TIMESTAMPTZ - started_at) / 1000.0, "
@@ -196,10 +240,43 @@ class Ledger:
                 [status, finished, finished, json.dumps(stats or {}, default=str), error, run_id],
             )
 
+    @contextmanager
+    def recording(
+        self,
+        kind: str,
+        *,
+        dataset: str | None = None,
+        source: str | None = None,
+        params: dict[str, Any] | None = None,
+        resume: str | None = None,
+    ) -> Iterator[RunScope]:
+        """Record the enclosed block as one run: started on entry, completed on exit, failed
+        (with the error, then re-raised) on any exception, ``KeyboardInterrupt`` included.
+
+        Args:
+            resume: A run fingerprint: reopen the newest interrupted or failed run of ``kind``
+                with it (:meth:`resumable_run`) instead of starting a new one, when there is one.
+        """
+        resumed = None if resume is None else self.resumable_run(kind, resume)
+        if resumed is not None:
+            self.reopen_run(resumed)
+            run_id = resumed
+        else:
+            run_id = self.start_run(kind, dataset=dataset, source=source, params=params)
+        scope = RunScope(run_id=run_id, resumed=resumed is not None)
+        try:
+            yield scope
+        except BaseException as err:
+            stats = None if scope.stats is None else scope.stats()
+            self.finish_run(run_id, status="failed", stats=stats, error=repr(err))
+            raise
+        stats = None if scope.stats is None else scope.stats()
+        self.finish_run(run_id, status="completed", stats=stats)
+
     def mark_interrupted(self) -> list[str]:
         """Mark runs of this host whose process died without finishing (SIGKILL, power loss)."""
         host = socket.gethostname()
-        with self._connect() as con:
+        with self.connect() as con:
             rows = con.execute(
                 "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]
             ).fetchall()
@@ -219,7 +296,7 @@ class Ledger:
         cannot mix rows computed under different settings.
         """
         self.mark_interrupted()
-        with self._connect(read_only=True) as con:
+        with self.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT run_id FROM runs WHERE kind = ? AND status IN ('interrupted', 'failed') "
                 "AND json_extract_string(params, '$.fingerprint') = ? "
@@ -230,7 +307,7 @@ class Ledger:
 
     def reopen_run(self, run_id: str) -> None:
         """Mark an interrupted/failed run as running again, owned by this process."""
-        with self._connect() as con:
+        with self.connect() as con:
             updated = con.execute(
                 "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL, host = ?, "
                 "pid = ? WHERE run_id = ? AND status IN ('interrupted', 'failed') RETURNING run_id",
@@ -241,7 +318,7 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        with self._connect(read_only=True) as con:
+        with self.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
             ).fetchone()
@@ -258,7 +335,7 @@ class Ledger:
             query += " AND dataset = ?"
             args.append(dataset)
         query += " ORDER BY started_at DESC"
-        with self._connect(read_only=True) as con:
+        with self.connect(read_only=True) as con:
             cur = con.execute(query, args)
             cols = [d[0] for d in cur.description]
             out = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
@@ -268,17 +345,18 @@ class Ledger:
         return out
 
     def run(self, run_id: str) -> dict[str, Any]:
-        matches = [r for r in self.runs() if r["run_id"] == run_id]
-        if not matches:
+        """One run, as :meth:`runs` gives it; ``KeyError`` if there is none."""
+        rows = self._select("SELECT * FROM runs WHERE run_id = ?", [run_id], ("params", "stats"))
+        if not rows:
             raise KeyError(f"no run {run_id!r} in {self.path}")
-        return matches[0]
+        return rows[0]
 
     # Decision tables (append-only) ------------------------------------------------------
 
     def _select(
         self, query: str, args: list[Any], json_fields: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
-        with self._connect(read_only=True) as con:
+        with self.connect(read_only=True) as con:
             cur = con.execute(query, args)
             cols = [d[0] for d in cur.description]
             rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
@@ -305,7 +383,7 @@ class Ledger:
             summary: Overall statistics (four-fifths ratio, p-values, Cramér's V, ...).
         """
         audit_id = f"audit-{uuid.uuid4().hex}"
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(
                 "INSERT INTO audits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -342,7 +420,7 @@ class Ledger:
     ) -> str:
         """Record one gate check with the policy version that decided it; returns its id."""
         check_id = f"check-{uuid.uuid4().hex}"
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(
                 "INSERT INTO gate_checks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -386,7 +464,7 @@ class Ledger:
         if kind not in RELEASE_KINDS:
             raise ValueError(f"unknown release kind {kind!r}; use one of {RELEASE_KINDS}")
         try:
-            with self._connect() as con:
+            with self.connect() as con:
                 con.execute(
                     "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
@@ -436,7 +514,7 @@ class Ledger:
         if not role.strip():
             raise ValueError("a decision needs a role")
         decision_id = f"decision-{uuid.uuid4().hex}"
-        with self._connect() as con:
+        with self.connect() as con:
             con.execute(
                 "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [decision_id, tag, action, actor, role, comment, _now()],
@@ -465,7 +543,7 @@ class Ledger:
         now = _now()
         actions = (["override"] if override else []) + ["approve"]
         try:
-            with self._connect() as con:
+            with self.connect() as con:
                 con.begin()
                 try:
                     for i, action in enumerate(actions):  # distinct times keep their order

@@ -36,7 +36,7 @@ from diffcurate.storage.schemas import SAMPLES
 APPROVER = "approver"
 _TAG = re.compile(r"^(?P<dataset>.+)-(?P<kind>candidate|release)-(?P<n>[1-9][0-9]*)$")
 # Manifest keys written here; the caller's manifest may not set them.
-_RESERVED = frozenset(
+RESERVED_KEYS = frozenset(
     {"dataset", "tag", "n", "lance_table", "lance_version", "kept_ids", "removed_ids",
      "n_kept", "n_removed", "samples_version", "created_at", "created_by"}
 )  # fmt: skip
@@ -169,7 +169,7 @@ def create_candidate(
     """
     validate_dataset_name(dataset)
     extra = dict(manifest or {})
-    if clash := sorted(_RESERVED & set(extra)):
+    if clash := sorted(RESERVED_KEYS & set(extra)):
         raise ReleaseError(f"manifest keys {clash} are written by create_candidate itself")
     kept = _unique(kept_ids, "kept")
     removed = _unique(removed_ids, "removed")
@@ -397,7 +397,7 @@ def show_release(ledger: Ledger, tag: str) -> dict[str, Any]:
 def manifest_ids(ledger: Ledger, tag: str) -> dict[str, list[str]]:
     """``{"kept": [...], "removed": [...]}``, sorted, read from the manifest with DuckDB SQL."""
     _row(ledger, tag)
-    with ledger._connect(read_only=True) as con:
+    with ledger.connect(read_only=True) as con:
         kept, removed = con.execute(
             "SELECT from_json(manifest->'kept_ids', '[\"VARCHAR\"]'), "
             "from_json(manifest->'removed_ids', '[\"VARCHAR\"]') FROM releases WHERE tag = ?",

@@ -1,8 +1,8 @@
 """Reviewer marks on a candidate release, and applying them as a new candidate.
 
 A reviewer marks a sample of a pending candidate ``keep`` or ``remove``. Marks are appended to
-the ``review_marks`` table of the ledger database, attributed and timestamped, never updated or
-deleted; the latest mark on a sample is the one in force. A mark covers the sample's whole
+the ledger's ``review_marks`` table, attributed and timestamped, never updated or deleted; the
+latest mark on a sample is the one in force. A mark covers the sample's whole
 exact-duplicate group (the hygiene run flags groups, so copies go or stay together): the ids it
 covers are stored with it.
 
@@ -20,43 +20,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import duckdb
-
 from diffcurate.storage import releases as rel
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 
 MARKS = ("keep", "remove")
-_DDL = """CREATE TABLE IF NOT EXISTS review_marks (
-    mark_id    VARCHAR PRIMARY KEY,
-    tag        VARCHAR NOT NULL,     -- the candidate marked on
-    sample_id  VARCHAR NOT NULL,     -- the sample the reviewer looked at
-    sample_ids JSON NOT NULL,        -- every id the mark covers (its exact-duplicate group)
-    mark       VARCHAR NOT NULL,     -- keep | remove
-    actor      VARCHAR NOT NULL,
-    role       VARCHAR NOT NULL,
-    comment    VARCHAR NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL
-)"""
 # Manifest keys of a candidate that describe *this* candidate rather than its provenance.
 _OWN_KEYS = frozenset({"based_on", "overrides"})
 
 
 class ReviewError(ValueError):
     """A mark or its application was refused (the message says why)."""
-
-
-_ENSURED: set[str] = set()
-
-
-def _ensure(ledger: Ledger) -> None:
-    """Create ``review_marks`` once per ledger file and process."""
-    key = str(ledger.path.resolve())
-    if key in _ENSURED:
-        return
-    with duckdb.connect(str(ledger.path)) as con:
-        con.execute(_DDL)
-    _ENSURED.add(key)
 
 
 def record_mark(
@@ -77,9 +51,8 @@ def record_mark(
         raise ReviewError("a mark needs an actor and a role")
     if sample_id not in sample_ids:
         raise ReviewError("a mark covers the sample it was made on")
-    _ensure(ledger)
     mark_id = f"mark-{uuid.uuid4().hex}"
-    with duckdb.connect(str(ledger.path)) as con:
+    with ledger.connect() as con:
         con.execute(
             "INSERT INTO review_marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [mark_id, tag, sample_id, json.dumps(sorted(sample_ids)), mark, actor, role,
@@ -90,11 +63,10 @@ def record_mark(
 
 def marks(ledger: Ledger, tag: str | None = None) -> list[dict[str, Any]]:
     """Marks (on one candidate, or all), oldest first."""
-    _ensure(ledger)
     query, args = "SELECT * FROM review_marks", []
     if tag is not None:
         query, args = query + " WHERE tag = ?", [tag]
-    with duckdb.connect(str(ledger.path), read_only=True) as con:
+    with ledger.connect(read_only=True) as con:
         cur = con.execute(query + " ORDER BY created_at, mark_id", args)
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
@@ -132,7 +104,7 @@ def marked_sets(
 
 def superseded_by(ledger: Ledger, tag: str) -> str | None:
     """The candidate created from ``tag`` with reviewer marks applied, if any."""
-    with duckdb.connect(str(ledger.path), read_only=True) as con:
+    with ledger.connect(read_only=True) as con:
         row = con.execute(
             "SELECT tag FROM releases WHERE kind = 'candidate' "
             "AND json_extract_string(manifest, '$.based_on') = ? ORDER BY n LIMIT 1",
@@ -159,7 +131,7 @@ def apply_marks(store: LanceStore, ledger: Ledger, tag: str, actor: str) -> rel.
     if not changed:
         return None
     provenance = {
-        k: v for k, v in manifest.items() if k not in rel._RESERVED and k not in _OWN_KEYS
+        k: v for k, v in manifest.items() if k not in rel.RESERVED_KEYS and k not in _OWN_KEYS
     }
     applied = [
         {"mark_id": m["mark_id"], "sample_id": m["sample_id"], "sample_ids": m["sample_ids"],

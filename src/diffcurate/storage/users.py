@@ -16,15 +16,10 @@ from pathlib import Path
 
 import duckdb
 
+from diffcurate.storage.ledger import Ledger
+
 ROLES = ("viewer", "reviewer", "approver")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-_DDL = """CREATE TABLE IF NOT EXISTS users (
-    name       VARCHAR PRIMARY KEY,
-    role       VARCHAR NOT NULL,
-    token_hash VARCHAR NOT NULL UNIQUE,   -- sha256 hex of the token; the token is never stored
-    created_at TIMESTAMPTZ NOT NULL,
-    created_by VARCHAR NOT NULL
-)"""
 
 
 class UserError(ValueError):
@@ -46,13 +41,12 @@ def hash_token(token: str) -> str:
 
 
 class UserStore:
-    """The ``users`` table of the ledger database (created on first use)."""
+    """The ``users`` table of the ledger database (created, like every ledger table, by
+    :class:`~diffcurate.storage.ledger.Ledger`, which opening the store ensures)."""
 
     def __init__(self, ledger_path: Path) -> None:
-        self.path = Path(ledger_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with duckdb.connect(str(self.path)) as con:
-            con.execute(_DDL)
+        self.ledger = Ledger(ledger_path)
+        self.path = self.ledger.path
 
     def add(self, name: str, role: str, created_by: str = "cli") -> str:
         """Create a user; returns the token (the only time it exists outside the user's hands)."""
@@ -64,7 +58,7 @@ class UserStore:
             raise UserError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
         token = "dct_" + secrets.token_urlsafe(32)
         try:
-            with duckdb.connect(str(self.path)) as con:
+            with self.ledger.connect() as con:
                 con.execute(
                     "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
                     [name, role, hash_token(token), datetime.now(UTC), created_by],
@@ -77,14 +71,14 @@ class UserStore:
         """The user holding ``token``, or None."""
         if not token or len(token) > 200:
             return None
-        with duckdb.connect(str(self.path), read_only=True) as con:
+        with self.ledger.connect(read_only=True) as con:
             row = con.execute(
                 "SELECT name, role FROM users WHERE token_hash = ?", [hash_token(token)]
             ).fetchone()
         return None if row is None else User(name=row[0], role=row[1])
 
     def list(self) -> list[dict]:
-        with duckdb.connect(str(self.path), read_only=True) as con:
+        with self.ledger.connect(read_only=True) as con:
             cur = con.execute("SELECT name, role, created_at, created_by FROM users ORDER BY name")
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
