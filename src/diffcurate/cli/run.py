@@ -372,10 +372,11 @@ def _print_hygiene(summary) -> None:
         rule = summary.mem_rule or "tiled_l2"
         value = "distance ratio" if rule.startswith("relative") else "closest generation"
         t.add_row("Mem% rule", f"{rule}: {value} < {summary.mem_tau:.4g} ({how})")
-        fpr = summary.heldout_fpr.get("before")
-        if fpr is not None:
-            t.add_row("held-out false positives", f"{100 * fpr:.1f}% of the reference images "
-                      "count as reconstructed by the model before mitigation")  # fmt: skip
+        fpr = {k: v for k, v in summary.heldout_fpr.items() if v is not None}
+        if fpr:
+            when = ", ".join(f"{100 * v:.1f}% {k} mitigation" for k, v in fpr.items())
+            t.add_row("held-out false positives", "share of the reference images counted as "
+                      f"reconstructed: {when}")  # fmt: skip
     if summary.guidance_scale is not None:
         t.add_row("generation", f"each secret's caption, guidance {summary.guidance_scale:g}")
     t.add_row("candidate model", summary.candidate_model)
