@@ -23,12 +23,29 @@ def test_every_command_is_documented():
         assert f"diffcurate {name}" in README, name
 
 
-def test_every_ingest_option_is_documented():
-    ingest = _commands()["ingest"]
-    for param in ingest.params:
-        for opt in param.opts:
-            if opt.startswith("--"):
-                assert re.search(rf"{re.escape(opt)}\b", README), opt
+def _leaf_commands(command, path: tuple[str, ...] = ()):
+    """``(path, command)`` of every runnable command, inside groups (``release approve``) too."""
+    if hasattr(command, "commands"):  # a group (typer may bring its own click)
+        for name, sub in command.commands.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_every_option_of_every_command_is_documented():
+    missing = [
+        f"diffcurate {' '.join(path)} {opt}"
+        for path, command in _leaf_commands(typer.main.get_group(app))
+        for param in command.params
+        for opt in param.opts
+        if opt.startswith("--") and not re.search(rf"{re.escape(opt)}\b", README)
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_the_walk_reaches_grouped_commands():
+    paths = {path for path, _ in _leaf_commands(typer.main.get_group(app))}
+    assert ("ingest",) in paths and any(len(p) == 2 for p in paths)
 
 
 def test_every_quarantine_reason_is_in_the_table():
@@ -70,3 +87,9 @@ def test_every_benchmark_script_is_in_the_benchmarks_readme():
     table = (bench / "README.md").read_text()
     for script in sorted(bench.glob("*.py")):
         assert re.search(rf"^\| `{re.escape(script.name)}` \|", table, flags=re.M), script.name
+
+
+def test_the_readme_states_the_default_scorer_of_the_code():
+    from diffcurate.influence.registry import ScorerSpec
+
+    assert f"`--scorer`, default `{ScorerSpec().signal}`" in README
