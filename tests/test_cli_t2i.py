@@ -66,7 +66,9 @@ def test_latent_pipeline_through_ingest_score_run_approve_eval(t2i):
     assert stats["geometry"]["n_images"] == stats["n_kept"]
     assert "Mem% rule" in res.output and "held-out false positives" in res.output
     after_fpr = stats["heldout_fpr"]["after"]
-    assert f"{100 * after_fpr:.1f}% after mitigation" in " ".join(res.output.replace("│", " ").split())
+    assert f"{100 * after_fpr:.1f}% after mitigation" in " ".join(
+        res.output.replace("│", " ").split()
+    )
     assert (res.exit_code == 0) == stats["gate_passed"]
     # No latent was encoded twice: the kept samples' latents came from the cache.
     assert store.table("latents").count_rows() == n_samples
