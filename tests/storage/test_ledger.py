@@ -5,7 +5,7 @@ import duckdb
 import pytest
 
 from diffcurate.storage import reviews
-from diffcurate.storage.ledger import SCHEMA_VERSION, Ledger, LedgerVersionError
+from diffcurate.storage.ledger import SCHEMA_VERSION, Ledger, LedgerTamperError, LedgerVersionError
 from diffcurate.storage.users import User, UserStore, hash_token
 
 
@@ -134,7 +134,7 @@ def test_version_1_ledger_is_upgraded_in_place_and_keeps_its_runs(tmp_path):
             "NULL, '{}', '{}', NULL, 'h', 1)"
         )
     ledger = Ledger(path)
-    assert ledger.schema_version == SCHEMA_VERSION == 3
+    assert ledger.schema_version == SCHEMA_VERSION == 4
     assert ledger.run("old-run")["kind"] == "ingest"
     ledger.record_decision("d-candidate-1", action="reject", actor="a", role="approver")
     assert len(ledger.decisions()) == 1
@@ -167,7 +167,7 @@ def test_version_2_ledger_with_self_made_users_and_marks_tables_is_upgraded(tmp_
             "'rev', 'reviewer', '', now())"
         )
     ledger = Ledger(path)
-    assert ledger.schema_version == 3
+    assert ledger.schema_version == 4
     assert UserStore(path).authenticate("t0k") == User(name="ann", role="approver")
     assert [(m["mark_id"], m["sample_ids"]) for m in reviews.marks(ledger)] == [("m1", ["s1"])]
     UserStore(path).add("bob", "viewer")  # the tables keep working
@@ -280,3 +280,79 @@ def test_decisions_are_append_only_and_attributed(tmp_path):
     # The API has no way to change or remove a decision.
     assert not [m for m in dir(ledger) if m.startswith(("update", "delete", "remove"))]
     assert len(ledger.decisions()) == 3
+
+
+# Decision hash chain -----------------------------------------------------------------------
+
+
+def _three_decisions(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    ledger.record_decision("t1", action="override", actor="ann", role="approver", comment="ok")
+    ledger.record_decision("t1", action="approve", actor="ann", role="approver", comment="go")
+    ledger.record_decision("t2", action="reject", actor="bob", role="approver", comment="no")
+    assert ledger.decision_chain_problems() == []
+    ledger.check_decision_chain()
+    return ledger
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ("DELETE FROM decisions WHERE action = 'reject'", "deleted"),  # the last row
+        ("DELETE FROM decisions WHERE action = 'override'", "deleted"),  # a middle row
+        ("UPDATE decisions SET comment = 'fine' WHERE action = 'reject'", "edited"),
+        ("UPDATE decisions SET action = 'approve' WHERE action = 'reject'", "edited"),
+        (
+            "INSERT INTO decisions (decision_id, tag, action, actor, role, comment, created_at) "
+            "VALUES ('d-x', 't2', 'approve', 'eve', 'approver', '', now())",
+            "inserted",
+        ),
+    ],
+)
+def test_a_decision_row_deleted_edited_or_inserted_by_hand_breaks_the_chain(
+    tmp_path, tamper, problem
+):
+    ledger = _three_decisions(tmp_path)
+    with duckdb.connect(str(ledger.path)) as con:
+        con.execute(tamper)
+    assert any(problem in p for p in ledger.decision_chain_problems())
+    with pytest.raises(LedgerTamperError, match="altered outside diffcurate"):
+        ledger.check_decision_chain()
+    # Reopening does not re-chain (and so launder) the altered rows.
+    assert Ledger(ledger.path).decision_chain_problems()
+
+
+def test_approval_transaction_extends_the_chain(tmp_path):
+    ledger = _three_decisions(tmp_path)
+    release = {"tag": "d-release-1", "dataset": "d", "n": 1, "lance_table": "release_d",
+               "lance_version": 2, "n_kept": 1, "n_removed": 0, "manifest": {},
+               "created_by": "ann"}  # fmt: skip
+    ledger.record_approval("d-candidate-1", actor="ann", role="approver", comment="c",
+                           override=True, release=release)  # fmt: skip
+    assert len(ledger.decisions()) == 5 and ledger.decision_chain_problems() == []
+    assert "row_hash" not in ledger.decisions()[0]
+
+
+def test_version_3_decisions_are_chained_on_upgrade(tmp_path):
+    path = tmp_path / "ledger.duckdb"
+    Ledger(path)
+    with duckdb.connect(str(path)) as con:  # a version 3 decisions table with two rows
+        con.execute("UPDATE ledger_meta SET value = '3' WHERE name = 'schema_version'")
+        con.execute("DELETE FROM ledger_meta WHERE name = 'decisions_head'")
+        con.execute("DROP TABLE decisions")
+        con.execute(
+            "CREATE TABLE decisions (decision_id VARCHAR PRIMARY KEY, tag VARCHAR NOT NULL, "
+            "action VARCHAR NOT NULL, actor VARCHAR NOT NULL, role VARCHAR NOT NULL, comment "
+            "VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL)"
+        )
+        con.execute(
+            "INSERT INTO decisions VALUES "
+            "('d1', 't1', 'reject', 'a', 'approver', 'x', now() - INTERVAL 2 SECOND), "
+            "('d2', 't2', 'approve', 'a', 'approver', 'y', now() - INTERVAL 1 SECOND)"
+        )
+    ledger = Ledger(path)
+    assert ledger.schema_version == 4
+    assert ledger.decision_chain_problems() == []
+    ledger.record_decision("t3", action="reject", actor="a", role="approver", comment="z")
+    assert [d["decision_id"] for d in ledger.decisions()][:2] == ["d1", "d2"]
+    assert ledger.decision_chain_problems() == []

@@ -8,10 +8,18 @@ Besides ``runs``, the ledger holds the decision tables: ``audits``, ``gate_check
 ``releases``, ``decisions`` and ``review_marks``, and the dashboard's ``users``. All their DDL
 is here, under one schema version. They are append-only: this class offers no method that updates
 or deletes their rows, and each row is timestamped (and, for decisions, attributed).
+
+Decisions are hash-chained: each row stores its sequence number, the previous row's hash and
+``sha256(previous hash, its own content)``, and ``ledger_meta`` holds the chain's head (last
+sequence number and hash), written in the same transaction. :meth:`Ledger.decision_chain_problems`
+recomputes the chain, so a decision row deleted, edited or inserted by hand (e.g. with the
+``duckdb`` shell) is detected. The chain is unkeyed: it is evidence against hand edits, not
+against someone who rewrites every later hash and the head as well.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -25,11 +33,12 @@ from typing import Any
 
 import duckdb
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: runs. 2: + audits, gate_checks, releases, decisions. 3: ``users`` and ``review_marks``
 come under this versioning (earlier they were created by their own modules, with the same
-DDL). Every step is additive: opening an older ledger creates the missing tables and bumps the
-stored version."""
+DDL). 4: ``decisions`` gains ``seq``, ``prev_hash`` and ``row_hash`` (the hash chain); the
+upgrade chains the existing rows in (created_at, decision_id) order. Every step is additive:
+opening an older ledger creates the missing tables and columns and bumps the stored version."""
 
 RELEASE_KINDS = ("candidate", "release")
 DECISION_ACTIONS = ("approve", "reject", "override")
@@ -95,7 +104,10 @@ _DDL = [
         actor       VARCHAR NOT NULL,
         role        VARCHAR NOT NULL,
         comment     VARCHAR NOT NULL,
-        created_at  TIMESTAMPTZ NOT NULL
+        created_at  TIMESTAMPTZ NOT NULL,
+        seq         BIGINT,                -- position in the hash chain, 1, 2, ... (version 4)
+        prev_hash   VARCHAR,               -- row_hash of seq - 1 ('' for the first)
+        row_hash    VARCHAR                -- sha256 of prev_hash and this row's content
     )""",
     # Version 3: dashboard users (storage.users) and reviewer marks (storage.reviews).
     """CREATE TABLE IF NOT EXISTS users (
@@ -119,8 +131,17 @@ _DDL = [
 ]
 
 
+_DECISION_COLS = "decision_id, tag, action, actor, role, comment, created_at"
+_CHAIN_HEAD = "decisions_head"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class LedgerVersionError(RuntimeError):
     """The ledger file was written by a newer diffcurate with a schema this one does not know."""
+
+
+class LedgerTamperError(RuntimeError):
+    """The decisions' hash chain does not verify: a row was deleted, edited or inserted."""
 
 
 def _now() -> datetime:
@@ -174,6 +195,8 @@ class Ledger:
             # upgrades an older ledger in place.
             for stmt in _DDL[1:]:
                 con.execute(stmt)
+            if stored is not None and stored < 4:
+                _chain_existing_decisions(con)
             if stored != SCHEMA_VERSION:
                 con.execute(
                     "INSERT OR REPLACE INTO ledger_meta VALUES ('schema_version', ?)",
@@ -515,10 +538,13 @@ class Ledger:
             raise ValueError("a decision needs a role")
         decision_id = f"decision-{uuid.uuid4().hex}"
         with self.connect() as con:
-            con.execute(
-                "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [decision_id, tag, action, actor, role, comment, _now()],
-            )
+            con.begin()
+            try:
+                _append_decisions(con, [(decision_id, tag, action, actor, role, comment, _now())])
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
         return decision_id
 
     def record_approval(
@@ -546,12 +572,11 @@ class Ledger:
             with self.connect() as con:
                 con.begin()
                 try:
-                    for i, action in enumerate(actions):  # distinct times keep their order
-                        con.execute(
-                            "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [f"decision-{uuid.uuid4().hex}", candidate, action, actor, role,
-                             comment, now + timedelta(microseconds=i)],
-                        )  # fmt: skip
+                    _append_decisions(con, [  # distinct times keep their order
+                        (f"decision-{uuid.uuid4().hex}", candidate, action, actor, role, comment,
+                         now + timedelta(microseconds=i))
+                        for i, action in enumerate(actions)
+                    ])  # fmt: skip
                     r = release
                     con.execute(
                         "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -571,7 +596,109 @@ class Ledger:
         query, args = "SELECT * FROM decisions", []
         if tag is not None:
             query, args = query + " WHERE tag = ?", [tag]
-        return self._select(query + " ORDER BY created_at, decision_id", args)
+        rows = self._select(query + " ORDER BY created_at, decision_id", args)
+        for row in rows:
+            for field in ("seq", "prev_hash", "row_hash"):
+                row.pop(field, None)
+        return rows
+
+    def decision_chain_problems(self, limit: int = 5) -> list[str]:
+        """What is wrong with the decisions' hash chain (empty when it verifies).
+
+        Checks that the sequence numbers run 1..n without gaps, that each row's hash is
+        recomputed from its content and its predecessor's hash, and that the last row is the
+        head recorded in ``ledger_meta``: a deleted, edited or hand-inserted decision row
+        (the last one included) breaks one of these.
+        """
+        with self.connect(read_only=True) as con:
+            rows = con.execute(
+                f"SELECT seq, prev_hash, row_hash, {_DECISION_COLS} FROM decisions "
+                "ORDER BY seq NULLS FIRST, created_at, decision_id"
+            ).fetchall()
+            head = con.execute(
+                "SELECT value FROM ledger_meta WHERE name = ?", [_CHAIN_HEAD]
+            ).fetchone()
+        problems: list[str] = []
+        prev, expect = "", 1
+        for seq, prev_hash, row_hash, *content in rows:
+            if seq is None or row_hash is None:
+                problems.append(f"decision {content[0]} has no place in the chain (inserted?)")
+            elif seq != expect:
+                problems.append(
+                    f"decision #{expect}" + (f"..#{seq - 1}" if seq - 1 > expect else "")
+                    + f" missing before {content[0]} (deleted?)"
+                )  # fmt: skip
+            elif prev_hash != prev or row_hash != _decision_hash(prev, seq, content):
+                problems.append(f"decision #{seq} ({content[0]}) does not match its hash (edited?)")
+            if seq is not None:
+                expect = seq + 1
+            prev = row_hash or ""
+        recorded = "0:" if head is None else str(head[0])
+        actual = f"{expect - 1}:{prev}" if rows else "0:"
+        if not problems and recorded != actual:
+            n = recorded.split(":", 1)[0]
+            problems.append(
+                f"the chain head records {n} decisions; the table ends at #{expect - 1} "
+                "(the last decisions deleted?)"
+            )
+        return problems[:limit]
+
+    def check_decision_chain(self) -> None:
+        """Raise :class:`LedgerTamperError` when :meth:`decision_chain_problems` finds any."""
+        if problems := self.decision_chain_problems():
+            raise LedgerTamperError(
+                f"{self.path}: the decisions table was altered outside diffcurate: "
+                + "; ".join(problems)
+            )
+
+
+def _decision_hash(prev: str, seq: int, content: list[Any] | tuple[Any, ...]) -> str:
+    """sha256 over the previous hash, the sequence number and a decision's columns."""
+    *text, created_at = content
+    micros = (created_at.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    doc = json.dumps([prev, int(seq), *text, micros], ensure_ascii=False)
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+def _append_decisions(con: duckdb.DuckDBPyConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert decision rows (``_DECISION_COLS`` order) at the chain's end, inside the caller's
+    transaction, and move the head."""
+    last = con.execute(
+        "SELECT seq, row_hash FROM decisions WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    seq, prev = (0, "") if last is None else (int(last[0]), str(last[1]))
+    for row in rows:
+        seq += 1
+        digest = _decision_hash(prev, seq, row)  # TIMESTAMPTZ keeps the microseconds hashed
+        con.execute(
+            f"INSERT INTO decisions ({_DECISION_COLS}, seq, prev_hash, row_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [*row, seq, prev, digest],
+        )
+        prev = digest
+    con.execute("INSERT OR REPLACE INTO ledger_meta VALUES (?, ?)", [_CHAIN_HEAD, f"{seq}:{prev}"])
+
+
+def _chain_existing_decisions(con: duckdb.DuckDBPyConnection) -> None:
+    """Schema 3 -> 4: add the chain columns and chain the rows present, oldest first."""
+    con.begin()
+    for col in ("seq BIGINT", "prev_hash VARCHAR", "row_hash VARCHAR"):
+        con.execute(f"ALTER TABLE decisions ADD COLUMN IF NOT EXISTS {col}")
+    rows = con.execute(
+        f"SELECT {_DECISION_COLS} FROM decisions ORDER BY created_at, decision_id"
+    ).fetchall()
+    prev = ""
+    for seq, row in enumerate(rows, start=1):
+        digest = _decision_hash(prev, seq, row)
+        con.execute(
+            "UPDATE decisions SET seq = ?, prev_hash = ?, row_hash = ? WHERE decision_id = ?",
+            [seq, prev, digest, row[0]],
+        )
+        prev = digest
+    con.execute(
+        "INSERT OR REPLACE INTO ledger_meta VALUES (?, ?)", [_CHAIN_HEAD, f"{len(rows)}:{prev}"]
+    )
+    con.commit()
 
 
 def _json(value: Any) -> str:
