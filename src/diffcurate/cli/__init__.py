@@ -15,12 +15,14 @@ from __future__ import annotations
 import typer
 
 from diffcurate.cli import demo, info, ingest, run, score, train
+from diffcurate.cli.common import CliGroup
 from diffcurate.cli.deploy import deploy_app
 from diffcurate.cli.release import release_app
 from diffcurate.cli.users import serve, users_app
 
 app = typer.Typer(
     name="diffcurate",
+    cls=CliGroup,
     help=(
         "Data curation for diffusion-model training sets: ingest image–caption corpora into "
         "LanceDB, score memorization risk, audit, and gate releases.\n\n"

@@ -14,8 +14,11 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 from diffcurate.config import Settings, apply_threads, load_settings
+from diffcurate.storage.ledger_errors import LedgerError
 
 # soft_wrap: messages carry paths and ids that must stay copy-pastable; let terminals wrap.
 out = Console(soft_wrap=True)
@@ -90,6 +93,22 @@ def workspace_settings(workspace: Path | None) -> Settings:
     # diffusers warns on every dtype cast of a UNet ("modules ... kept in float32: []").
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     return settings
+
+
+class CliGroup(TyperGroup):
+    """A command group that reports a ledger it cannot use as one line on stderr, exit 2.
+
+    Locked (after the retries), read-only or corrupt: each is a state of the workspace the
+    user can act on, not a bug, so no command shows a traceback for it.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LedgerError as e:
+            # Text, not markup: a path may hold "[...]".
+            err.print(Text.assemble(("error:", "red"), " ", str(e)))
+            raise typer.Exit(2) from e
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Column, Table
 
-from diffcurate.cli.common import WorkspaceOpt, err, fail, out, workspace_settings
+from diffcurate.cli.common import CliGroup, WorkspaceOpt, err, fail, out, workspace_settings
 
 release_app = typer.Typer(
     help="Candidate releases: tagged LanceDB versions of kept samples, awaiting approval.",
+    cls=CliGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

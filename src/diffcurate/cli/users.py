@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
-from diffcurate.cli.common import WorkspaceOpt, err, fail, out, workspace_settings
+from diffcurate.cli.common import CliGroup, WorkspaceOpt, err, fail, out, workspace_settings
 
 users_app = typer.Typer(
     help="Dashboard users: token-based, with a role (viewer, reviewer or approver).",
+    cls=CliGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from diffcurate.storage.ledger_errors import LedgerError, LedgerLocked, classify
+
+LOCK_WAIT_S = 10.0
+"""How long opening the ledger retries, with backoff, while another process holds its lock:
+writes hold it only for one statement or transaction, so a conflict clears in milliseconds."""
 
 SCHEMA_VERSION = 4
 """1: runs. 2: + audits, gate_checks, releases, decisions. 3: ``users`` and ``review_marks``
@@ -136,7 +144,7 @@ _CHAIN_HEAD = "decisions_head"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class LedgerVersionError(RuntimeError):
+class LedgerVersionError(LedgerError):
     """The ledger file was written by a newer diffcurate with a schema this one does not know."""
 
 
@@ -177,8 +185,20 @@ class RunScope:
 class Ledger:
     """Append-mostly record of runs in ``ledger.duckdb``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lock_wait: float | None = None) -> None:
+        """Open (and create or upgrade) the ledger at ``path``.
+
+        An up-to-date ledger is only read here, so read commands work on a file this user may
+        not write and do not take the writer's lock.
+
+        Args:
+            lock_wait: Seconds each :meth:`connect` retries while another process holds the
+                file lock, before raising :class:`LedgerLocked` [default: ``LOCK_WAIT_S``].
+        """
         self.path = Path(path)
+        self.lock_wait = LOCK_WAIT_S if lock_wait is None else lock_wait
+        if self.path.exists() and self._up_to_date():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             con.execute(_DDL[0])
@@ -203,18 +223,59 @@ class Ledger:
                     [str(SCHEMA_VERSION)],
                 )
 
+    def _up_to_date(self) -> bool:
+        """True when the file holds this schema version (nothing to create or migrate)."""
+        with self.connect(read_only=True) as con:
+            try:
+                row = con.execute(
+                    "SELECT value FROM ledger_meta WHERE name = 'schema_version'"
+                ).fetchone()
+            except duckdb.CatalogException:
+                return False
+        stored = None if row is None else int(row[0])
+        if stored is not None and stored > SCHEMA_VERSION:
+            raise LedgerVersionError(
+                f"{self.path} has ledger schema version {stored}; this diffcurate knows "
+                f"versions up to {SCHEMA_VERSION}: upgrade diffcurate to use it"
+            )
+        return stored == SCHEMA_VERSION
+
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection held only for the enclosed block (readers are never locked out long).
 
         For the modules that own a ledger table's rows (users, reviews, releases); the tables
-        themselves are created here.
+        themselves are created here. Opening retries with jittered exponential backoff for up
+        to ``lock_wait`` seconds while another process holds DuckDB's file lock.
+
+        Raises:
+            LedgerLocked: the lock stayed held for ``lock_wait`` seconds.
+            LedgerReadOnly: a read-write open of a file this user may not write.
+            LedgerCorrupt: the file is truncated or not a DuckDB database (also when that
+                shows only while the block reads it).
         """
-        con = duckdb.connect(str(self.path), read_only=read_only)
+        con = self._open(read_only)
         try:
             yield con
+        except duckdb.IOException as e:
+            raise classify(self.path, e) from e
         finally:
             con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        start = time.monotonic()
+        delay = 0.01
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as e:
+                waited = time.monotonic() - start
+                error = classify(self.path, e, waited)
+                if not isinstance(error, LedgerLocked) or waited >= self.lock_wait:
+                    raise error from e
+            # Jitter keeps two waiting processes from retrying in lockstep.
+            time.sleep(min(delay * random.uniform(0.5, 1.5), self.lock_wait - waited))
+            delay = min(delay * 2, 0.5)
 
     def start_run(
         self,

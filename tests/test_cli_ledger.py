@@ -1,0 +1,129 @@
+"""Read commands on a ledger another process holds, one this user may not write, and a
+truncated one: a result or one line on stderr with exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcurate.cli import app
+from diffcurate.storage import ledger as ledger_mod
+from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.users import UserStore
+from storage.test_ledger_errors import hold_write_lock
+
+runner = CliRunner()
+NOBODY = 65534
+
+
+def small_workspace(ws: Path) -> Path:
+    """A workspace with one run and one user (no Lance tables needed by these commands)."""
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "lancedb").mkdir(exist_ok=True)
+    ledger = Ledger(ws / "ledger.duckdb")
+    ledger.finish_run(ledger.start_run("ingest", dataset="digits"), status="completed")
+    UserStore(ws / "ledger.duckdb").add("alice", "viewer")
+    return ws
+
+
+def one_error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), res.exception
+    text = res.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    return text
+
+
+def test_runs_succeeds_after_a_short_write_lock(tmp_path):
+    ws = small_workspace(tmp_path / "ws")
+    holder = hold_write_lock(ws / "ledger.duckdb", 1.0)
+    try:
+        res = runner.invoke(app, ["runs", "--json", "-w", str(ws)])
+    finally:
+        holder.wait(10)
+    assert res.exit_code == 0, res.output
+    assert '"kind": "ingest"' in res.output
+
+
+@pytest.mark.parametrize(
+    "args", [["runs"], ["users", "list"], ["release", "list"], ["users", "add", "bob", "--role",
+                                                                "viewer"]]
+)  # fmt: skip
+def test_a_ledger_locked_past_the_budget_is_one_line(tmp_path, monkeypatch, args):
+    ws = small_workspace(tmp_path / "ws")
+    monkeypatch.setattr(ledger_mod, "LOCK_WAIT_S", 0.3)
+    holder = hold_write_lock(ws / "ledger.duckdb", 30)
+    try:
+        res = runner.invoke(app, [*args, "-w", str(ws)])
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert "is locked by another process" in one_error_line(res)
+
+
+@pytest.mark.parametrize("args", [["runs"], ["users", "list"], ["release", "list"],
+                                  ["release", "show", "digits-candidate-1"]])  # fmt: skip
+def test_a_truncated_ledger_is_one_line(tmp_path, args):
+    ws = small_workspace(tmp_path / "ws")
+    path = ws / "ledger.duckdb"
+    path.write_bytes(path.read_bytes()[:4096])
+    assert "cannot be read" in one_error_line(runner.invoke(app, [*args, "-w", str(ws)]))
+
+
+@pytest.fixture
+def read_only_workspace():
+    """A workspace this test's subprocesses may read but not write (they run as nobody when
+    the tests run as root, who may write any file)."""
+    root = Path(tempfile.mkdtemp(prefix="dc-ro-", dir="/tmp"))
+    try:
+        ws = small_workspace(root / "ws")
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        yield ws
+    finally:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        shutil.rmtree(root)
+
+
+def as_reader(code: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop write access")
+        prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("DIFFCURATE_WORKSPACE", None)
+    return subprocess.run([*prefix, sys.executable, *code], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_read_commands_work_on_a_read_only_ledger(read_only_workspace):
+    ws = read_only_workspace
+    cli = ["-m", "diffcurate.cli"]
+    for args in (["runs", "--json"], ["users", "list"], ["release", "list"]):
+        res = as_reader([*cli, *args, "-w", str(ws)], ws.parent)
+        assert res.returncode == 0, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert '"kind": "ingest"' in as_reader([*cli, "runs", "--json", "-w", str(ws)],
+                                           ws.parent).stdout  # fmt: skip
+    res = as_reader([*cli, "users", "add", "bob", "--role", "viewer", "-w", str(ws)], ws.parent)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "read-only" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # The dashboard (what `serve` runs) starts and shows pages on it.
+    script = (
+        "import sys; from starlette.testclient import TestClient; "
+        "from diffcurate.dashboards.app import create_app; "
+        f"c = TestClient(create_app({str(ws)!r})); "
+        "assert c.get('/login').status_code == 200; print('dashboard ok')"
+    )
+    res = as_reader(["-c", script], ws.parent)
+    assert res.returncode == 0 and "dashboard ok" in res.stdout, res.stderr
