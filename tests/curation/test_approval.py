@@ -99,15 +99,21 @@ class Dashboard:
         return r.status_code == 303, r.status_code, r.text.replace("&#39;", "'")
 
 
-def mark_one_kept_sample_removed(ws: Ws) -> None:
-    kept = rel.manifest_ids(ws.ledger, C1)["kept"][0]
-    reviews.record_mark(ws.ledger, C1, sample_id=kept, sample_ids=[kept], mark="remove",
-                        actor="rita", role="reviewer", comment="a near copy")  # fmt: skip
+def mark_one_flagged_sample_kept(ws: Ws) -> None:
+    flagged = rel.manifest_ids(ws.ledger, C1)["removed"][0]
+    reviews.record_mark(ws.ledger, C1, sample_id=flagged, sample_ids=[flagged], mark="keep",
+                        actor="rita", role="reviewer", comment="a clean photo")  # fmt: skip
 
 
 def supersede(ws: Ws) -> None:
-    mark_one_kept_sample_removed(ws)
+    mark_one_flagged_sample_kept(ws)
     reviews.apply_marks(ws.store, ws.ledger, C1, "ann")
+
+
+def reject_then_delete_row(ws: Ws) -> None:
+    approval.reject(ws.store, ws.ledger, C1, "ann", "memorizes secrets")
+    with duckdb.connect(str(ws.ledger.path)) as con:
+        con.execute("DELETE FROM decisions WHERE action = 'reject'")
 
 
 def delete_temp(ws: Ws) -> None:
@@ -132,17 +138,20 @@ class Scenario:
 
 APPROVED_C1 = ((C1, "approve", "ann", "approver", "first"),)
 RELEASE_1 = (("digits-release-1", "release", 10, 2, None),)
-CANDIDATE_3 = ((C3, "candidate", 9, 3, C1),)
+CANDIDATE_3 = ((C3, "candidate", 11, 1, C1),)
 SCENARIOS = [
     Scenario("approve", "approve", C1, "ann", "gates passed", True, 303, "",
              decisions=((C1, "approve", "ann", "approver", "gates passed"),),
              releases=RELEASE_1),
     Scenario("reject", "reject", C1, "ann", "audit skew", True, 303, "",
              decisions=((C1, "reject", "ann", "approver", "audit skew"),)),
-    Scenario("pending reviewer marks are applied first", "approve", C1, "ann", "with marks",
-             True, 303, "", setup=mark_one_kept_sample_removed,
-             decisions=((C3, "approve", "ann", "approver", "with marks"),),
-             releases=(*CANDIDATE_3, ("digits-release-3", "release", 9, 3, C1))),
+    Scenario("pending reviewer marks leave the gates unmeasured: override needed", "approve",
+             C1, "ann", "with marks", False, 409, "gates not measured",
+             setup=mark_one_flagged_sample_kept),
+    Scenario("a marked candidate carries no gate results", "approve", C3, "ann", "ok", False,
+             409, "gates not measured", setup=supersede, releases=CANDIDATE_3),
+    Scenario("a deleted reject row is detected and nothing is decided", "approve", C1, "ann",
+             "ok", False, 409, "altered outside diffcurate", setup=reject_then_delete_row),
     Scenario("superseded candidate", "approve", C1, "ann", "ok", False, 409, "superseded by",
              setup=supersede, releases=CANDIDATE_3),
     Scenario("reject a superseded candidate", "reject", C1, "ann", "no", False, 409,
@@ -289,3 +298,36 @@ def test_a_crash_between_the_tag_and_the_ledger_is_reported_then_completed(
     rel.verify(ws.store, ws.ledger, "digits-release-1")
     res = runner.invoke(app, ["release", "show", C1, "-w", str(ws.path)])
     assert res.exit_code == 0, res.output
+
+
+def test_marks_are_applied_only_with_an_override_reason(tmp_path, digit_files):
+    ws = make_ws(tmp_path / "ws", digit_files)
+    mark_one_flagged_sample_kept(ws)
+    assert approval.failed_checks({"gate_passed": True}, marks_pending=True) == [
+        approval.NOT_MEASURED
+    ]
+    done = approval.approve(ws.store, ws.ledger, C1, "ann", "one clean photo put back",
+                            override_reason="re-gate next run")  # fmt: skip
+    assert (done.approved, done.marks_applied, done.release.tag) == (C3, 1, "digits-release-3")
+    manifest = ws.ledger.release(C3)["manifest"]
+    assert manifest["gates_measured"] is False
+    assert "gate_passed" not in manifest and "gates" not in manifest
+    assert manifest["based_on_gates"] == {"gate_passed": True}
+    assert [(d["tag"], d["action"]) for d in ws.ledger.decisions()] == [
+        (C3, "override"),
+        (C3, "approve"),
+    ]
+    assert "override reason: re-gate next run" in ws.ledger.decisions()[1]["comment"]
+
+
+def test_a_sample_the_run_kept_cannot_be_marked(tmp_path, digit_files):
+    ws = make_ws(tmp_path / "ws", digit_files)
+    ids = rel.manifest_ids(ws.ledger, C1)
+    kept, flagged = ids["kept"][0], ids["removed"][0]
+    with pytest.raises(reviews.ReviewError, match="not flagged"):
+        reviews.record_mark(ws.ledger, C1, sample_id=kept, sample_ids=[kept], mark="remove",
+                            actor="rita", role="reviewer")  # fmt: skip
+    with pytest.raises(reviews.ReviewError, match="not flagged"):  # nor smuggled into a group
+        reviews.record_mark(ws.ledger, C1, sample_id=flagged, sample_ids=[flagged, kept],
+                            mark="keep", actor="rita", role="reviewer")  # fmt: skip
+    assert reviews.marks(ws.ledger, C1) == []

@@ -171,6 +171,8 @@ def test_injection_in_actions_is_refused_and_leaves_no_trace(clients, synthetic_
         (reviewer, f"/releases/{tag}/samples/{'0' * 24}/mark", {"mark": "keep"}, rcsrf, 404),
         (reviewer, f"/releases/{tag}/samples/{info['removed'][0]}/mark", {"mark": "drop"},
          rcsrf, 400),
+        (reviewer, f"/releases/{tag}/samples/{info['kept'][0]}/mark", {"mark": "remove"},
+         rcsrf, 409),  # not flagged: marks are limited to flagged samples
         (reviewer, f"/releases/{tag}/samples/{info['removed'][0]}/mark",
          {"mark": "keep", "next": "//evil.example/x"}, rcsrf, 303),
         (approver, "/releases/digits-candidate-999/approve", {"comment": "x"}, acsrf, 404),
@@ -234,7 +236,9 @@ def test_every_action_appears_exactly_once_in_the_ledger(clients, synthetic_run)
     assert sorted(r["kind"] for r in releases) == ["candidate", "release"]
     ids = manifest_ids(ledger, new)
     assert flagged[0] in ids["kept"] and flagged[1] in ids["removed"]
-    assert ledger.release(new)["manifest"]["gate_passed"] is False  # provenance carried over
+    manifest = ledger.release(new)["manifest"]
+    assert manifest["gates_measured"] is False  # the original's gates do not cover it
+    assert manifest["based_on_gates"]["gate_passed"] is False
 
     rejected = fresh_candidate(ws, info["tag"]).tag
     r = approver.post(f"/releases/{rejected}/reject",

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dashboards.synthetic import build_synthetic
 from diffcurate.cli import app
+from diffcurate.curation import approval
 from diffcurate.storage import releases as rel
 from diffcurate.storage import reviews
 from diffcurate.storage.lance_store import LanceStore
@@ -65,31 +66,39 @@ def small(tmp_path):
 def test_marks_apply_as_a_new_candidate(small):
     _ws, info, store, ledger = small
     tag = info["tag"]
-    keep, drop = info["removed"][0], info["kept"][0]
+    keep, undone = info["removed"][0], info["removed"][2]
     assert reviews.apply_marks(store, ledger, tag, "ann") is None  # no marks: nothing to do
     reviews.record_mark(ledger, tag, sample_id=keep, sample_ids=[keep], mark="keep",
                         actor="rev", role="reviewer", comment="a clean photo")  # fmt: skip
-    reviews.record_mark(ledger, tag, sample_id=drop, sample_ids=[drop], mark="remove",
+    reviews.record_mark(ledger, tag, sample_id=undone, sample_ids=[undone], mark="keep",
                         actor="rev", role="reviewer")  # fmt: skip
+    reviews.record_mark(ledger, tag, sample_id=undone, sample_ids=[undone], mark="remove",
+                        actor="rev", role="reviewer")  # changed their mind  # fmt: skip
     reviews.record_mark(ledger, tag, sample_id=info["removed"][1],
                         sample_ids=[info["removed"][1]], mark="remove", actor="rev",
                         role="reviewer")  # already removed: changes nothing  # fmt: skip
+    with pytest.raises(reviews.ReviewError, match="not flagged"):
+        reviews.record_mark(ledger, tag, sample_id=info["kept"][0],
+                            sample_ids=[info["kept"][0]], mark="remove", actor="rev",
+                            role="reviewer")  # fmt: skip
     new = reviews.apply_marks(store, ledger, tag, "ann")
     assert new is not None and new.tag == "digits-candidate-2" and new.status == "pending"
     ids = rel.manifest_ids(ledger, new.tag)
-    assert keep in ids["kept"] and drop in ids["removed"]
-    assert len(ids["kept"]) == len(info["kept"]) and len(ids["removed"]) == 6
+    assert keep in ids["kept"] and undone in ids["removed"]
+    assert len(ids["kept"]) == len(info["kept"]) + 1 and len(ids["removed"]) == 5
     manifest = ledger.release(new.tag)["manifest"]
-    assert manifest["based_on"] == tag and manifest["gate_passed"] is False
+    # The original's gate results are kept for reference, not as this candidate's.
+    assert manifest["based_on"] == tag and manifest["gates_measured"] is False
+    assert "gate_passed" not in manifest and manifest["based_on_gates"]["gate_passed"] is False
     assert manifest["runs"] == ledger.release(tag)["manifest"]["runs"]
-    assert sorted(o["sample_id"] for o in manifest["overrides"]) == sorted([keep, drop])
+    assert [o["sample_id"] for o in manifest["overrides"]] == [keep]
     assert reviews.superseded_by(ledger, tag) == new.tag
     rel.verify(store, ledger, new.tag)  # the Lance version holds exactly the kept ids
     with pytest.raises(reviews.ReviewError, match="superseded"):
         reviews.apply_marks(store, ledger, tag, "ann")
-    # The failed gate carries over: approval still needs an override.
-    with pytest.raises(rel.ReleaseError, match="override"):
-        rel.approve(store, ledger, new.tag, "ann", "ok")
+    # Its gates are not measured: the approval service asks for an override.
+    with pytest.raises(approval.ApprovalRefused, match="gates not measured"):
+        approval.approve(store, ledger, new.tag, "ann", "ok")
 
 
 def test_later_marks_win_and_marks_cover_duplicate_groups(small):

@@ -265,3 +265,19 @@ def test_interrupted_approval_is_finished_not_duplicated(env):
     orphan = store.db.open_table("release_digits")
     orphan.tags.create("digits-candidate-2", cand.lance_version)
     assert rel.create_candidate(store, ledger, "digits", *split(store)).n == 3
+
+
+def test_tag_problems_reports_moved_and_deleted_tags(env):
+    store, ledger = env
+    cand = rel.create_candidate(store, ledger, "digits", *split(store, 3))
+    rel.approve(store, ledger, cand.tag, actor="ann")
+    newer = rel.create_candidate(store, ledger, "digits", *split(store, 6))
+    assert rel.tag_problems(store, ledger) == {}
+    table = store.db.open_table("release_digits")
+    table.tags.update("digits-release-1", newer.lance_version)
+    table.tags.delete(newer.tag)
+    problems = rel.tag_problems(store, ledger)
+    assert set(problems) == {"digits-release-1", newer.tag}
+    assert "moved outside diffcurate" in problems["digits-release-1"]
+    assert "no Lance tag" in problems[newer.tag]
+    assert rel.tag_problems(store, ledger, "other") == {}

@@ -12,8 +12,11 @@ refused (:class:`ApprovalRefused`, nothing changed) unless:
   ``approver``. The CLI does not authenticate (whoever can write ``ledger.duckdb`` can write
   anything in it); the check keeps decisions attributed to known approvers;
 * a comment says why (it is kept in the ledger);
-* a candidate whose gates or fairness audit failed is approved only with an explicit
-  override, recorded as its own ``override`` decision.
+* a candidate whose gates or fairness audit failed, or whose gates were not measured on its
+  own sets (reviewer marks change them), is approved only with an explicit override with a
+  reason, recorded as its own ``override`` decision;
+* the ledger's decisions hash chain verifies (:meth:`~.Ledger.decision_chain_problems`): on a
+  ledger whose decisions were deleted or edited by hand, nothing is decided or marked.
 
 Approving first applies the candidate's reviewer marks (:func:`~.reviews.apply_marks`): when
 they change its kept/removed sets, a new candidate is written and approved instead, and the
@@ -106,14 +109,24 @@ def decision_lock(ledger_path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterato
         yield
 
 
-def failed_checks(manifest: dict[str, Any]) -> list[str]:
-    """What a candidate failed (its gates, its fairness audit): each needs an override."""
+NOT_MEASURED = "has gates not measured on its sets (reviewer marks change what it keeps)"
+
+
+def failed_checks(manifest: dict[str, Any], marks_pending: bool = False) -> list[str]:
+    """Why a candidate needs an override (phrases completing "the candidate ...").
+
+    Args:
+        marks_pending: reviewer marks on it would change its sets when applied, so its gates
+            would no longer cover the candidate approved.
+    """
     failed = []
-    if manifest.get("gate_passed") is False:
-        failed.append("its gates")
+    if manifest.get("gates_measured") is False or marks_pending:
+        failed.append(NOT_MEASURED)
+    elif manifest.get("gate_passed") is False:
+        failed.append("failed its gates")
     audit = manifest.get("audit")
     if isinstance(audit, dict) and audit.get("passed") is False:
-        failed.append("its fairness audit")
+        failed.append("failed its fairness audit")
     return failed
 
 
@@ -121,8 +134,16 @@ def pending_candidate(ledger: Ledger, tag: str) -> dict[str, Any]:
     """The ledger row of a candidate that can still be marked and decided.
 
     Raises:
-        ApprovalRefused: unknown tag (not_found); a release, decided or superseded (conflict).
+        ApprovalRefused: unknown tag (not_found); a release, decided or superseded, or a ledger
+            whose decisions hash chain is broken (conflict).
     """
+    if problems := ledger.decision_chain_problems():
+        raise ApprovalRefused(
+            "refusing to act: the ledger's decisions were altered outside diffcurate ("
+            + "; ".join(problems)
+            + "); restore ledger.duckdb from a backup",
+            "conflict",
+        )
     try:
         row = ledger.release(tag)
     except KeyError:
@@ -213,10 +234,15 @@ def approve(
         user = resolve_actor(ledger, actor)
         text = _need_comment(comment, "approve")
         reason = override_reason.strip()
-        failed = failed_checks(row["manifest"])
+        try:
+            interrupted = rel.interrupted_approval(store, ledger, tag) is not None
+        except rel.ReleaseError as e:
+            raise _refused(e) from e
+        marks_pending = not interrupted and bool(reviews.pending_changes(ledger, tag))
+        failed = failed_checks(row["manifest"], marks_pending)
         if failed and not (override or reason):
             raise ApprovalRefused(
-                f"{tag!r} failed {' and '.join(failed)}: approving it needs an explicit "
+                f"{tag!r} {' and '.join(failed)}: approving it needs an explicit "
                 "override with a reason, which is recorded",
                 "conflict",
             )
@@ -224,8 +250,7 @@ def approve(
             text = f"{text} | override reason: {reason}"
         target, n_marks = tag, 0
         try:
-            interrupted = rel.interrupted_approval(store, ledger, tag) is not None
-            if not interrupted:
+            if marks_pending:
                 newer = reviews.apply_marks(store, ledger, tag, user.name)
                 if newer is not None:
                     target = newer.tag

@@ -170,7 +170,8 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
 
     @app.get("/runs")
     def runs(request: Request, session: Viewer) -> HTMLResponse:
-        return page(request, "runs.html", runs=data.runs(), releases=data.release_status())
+        return page(request, "runs.html", runs=data.runs(), releases=data.release_status(),
+                    tampered=data.release_problems())  # fmt: skip
 
     @app.get("/runs/{run_id}")
     def run_detail(
@@ -280,7 +281,8 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
     @app.get("/releases")
     def releases(request: Request, session: Viewer) -> HTMLResponse:
         infos = sorted(data.release_status().values(), key=lambda i: i.created_at, reverse=True)
-        return page(request, "releases.html", releases=infos)
+        return page(request, "releases.html", releases=infos, tampered=data.release_problems(),
+                    chain_problems=data.chain_problems())  # fmt: skip
 
     @app.get("/releases/{tag}")
     def release(request: Request, tag: Tag, session: Viewer, done: str = "") -> HTMLResponse:
@@ -342,8 +344,8 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
             if sample_id not in set(ids["kept"]) | set(ids["removed"]):
                 raise HTTPException(404, f"{sample_id} is not a sample of {tag}")
             index = data.index(row["dataset"])
-            in_release = set(ids["kept"]) | set(ids["removed"])
-            members = [s for s in index.members(sample_id) if s in in_release]
+            flagged = set(ids["removed"])  # marks are limited to flagged samples (the service)
+            members = [s for s in index.members(sample_id) if s in flagged] or [sample_id]
             current = reviews.effective_marks(data.marks(tag)).get(sample_id)
             if not (
                 current
@@ -351,9 +353,12 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
                 and current["actor"] == session.user.name
                 and set(current["sample_ids"]) == set(members)
             ):
-                reviews.record_mark(data.ledger, tag, sample_id=sample_id, sample_ids=members,
-                                    mark=choice, actor=session.user.name,
-                                    role=session.user.role, comment=comment)  # fmt: skip
+                try:
+                    reviews.record_mark(data.ledger, tag, sample_id=sample_id, sample_ids=members,
+                                        mark=choice, actor=session.user.name,
+                                        role=session.user.role, comment=comment)  # fmt: skip
+                except reviews.ReviewError as e:
+                    raise HTTPException(409, str(e)) from e
         back = _safe_next(form.get("next", "")) or f"/releases/{tag}?done=marked"
         return RedirectResponse(f"{back}#s-{sample_id}", status_code=303)
 
@@ -485,7 +490,8 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
     """What the release panel and page need: info, manifest, decisions, marks, supersession."""
     empty = {"release": None, "candidate_open": False, "failed": [], "marks": [],
              "effective": {}, "superseded_by": None, "decisions": [], "manifest": {},
-             "pending_changes": 0}  # fmt: skip
+             "pending_changes": 0, "tag_problem": None, "chain_problems": [],
+             "marked_sets": None}  # fmt: skip
     if not tag:
         return empty
     with data.lock:
@@ -497,10 +503,22 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
         info = shown["info"]
         newer = reviews.superseded_by(data.ledger, tag) if info.kind == "candidate" else None
         marks = data.marks(tag) if info.kind == "candidate" else []
-        changes = 0
+        changes, marked = 0, None
         if marks:
             ids = data.manifest_ids(tag)
-            changes = len(reviews.marked_sets(ids["kept"], ids["removed"], marks)[2])
+            kept, removed, changed = reviews.marked_sets(ids["kept"], ids["removed"], marks)
+            changes = len(changed)
+            new_n = rel.next_n(data.store, data.ledger, info.dataset)
+            marked = {"n_kept": len(kept), "n_removed": len(removed),
+                      "put_back": len(set(kept) - set(ids["kept"])),
+                      "removed_more": len(set(removed) - set(ids["removed"])),
+                      "new_tag": rel.candidate_tag(info.dataset, new_n)}  # fmt: skip
+        try:
+            rel.verify(data.store, data.ledger, tag)
+            tag_problem = None
+        except rel.ReleaseError as e:
+            tag_problem = str(e)
+        chain = data.ledger.decision_chain_problems()
     release_of = None
     if info.kind == "candidate":
         final = rel.release_tag(info.dataset, info.n)
@@ -512,9 +530,14 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
         "marks": marks,
         "effective": reviews.effective_marks(marks),
         "superseded_by": newer,
-        "failed": approval.failed_checks(manifest),
+        "failed": approval.failed_checks(manifest, changes > 0),
         "pending_changes": changes,
-        "candidate_open": info.kind == "candidate" and info.status == "pending" and not newer,
+        "marked_sets": marked,
+        "tag_problem": tag_problem,
+        "chain_problems": chain,
+        "candidate_open": (
+            info.kind == "candidate" and info.status == "pending" and not newer and not chain
+        ),
         "released_as": release_of,
         "n_removed_shown": min(200, len(manifest.get("removed_ids", []))),
     }

@@ -122,6 +122,16 @@ class DashboardData:
         with self.lock:
             return {i.tag: i for i in rel.list_releases(self.ledger)}
 
+    def release_problems(self) -> dict[str, str]:
+        """Tags whose Lance tag no longer matches the ledger (:func:`~.releases.tag_problems`)."""
+        with self.lock:
+            return rel.tag_problems(self.store, self.ledger)
+
+    def chain_problems(self) -> list[str]:
+        """What is wrong with the ledger's decisions hash chain (empty when it verifies)."""
+        with self.lock:
+            return self.ledger.decision_chain_problems()
+
     # Samples ----------------------------------------------------------------------------
     def index(self, dataset: str) -> SampleIndex:
         with self.lock:

@@ -125,7 +125,7 @@ def _lance_tags(table) -> dict[str, int]:
     return {tag: int(info["version"]) for tag, info in table.tags.list().items()}
 
 
-def _next_n(store: LanceStore, ledger: Ledger, dataset: str) -> int:
+def next_n(store: LanceStore, ledger: Ledger, dataset: str) -> int:
     """One more than any n used for this dataset, in the ledger or (after a crash between the
     Lance tag and the ledger record) in Lance: an n is never reused."""
     used = [int(r["n"]) for r in ledger.releases(dataset)]
@@ -193,11 +193,11 @@ def create_candidate(
             f"{missing[:5]}: pass every sample id in one of the two lists"
         )
 
-    n = _next_n(store, ledger, dataset)
+    n = next_n(store, ledger, dataset)
     tag = candidate_tag(dataset, n)
     actor = created_by or _default_actor()
     table = _open_release_table(store, dataset)
-    if tag in _lance_tags(table):  # _next_n saw every tag; only a concurrent writer gets here
+    if tag in _lance_tags(table):  # next_n saw every tag; only a concurrent writer gets here
         raise ReleaseError(f"tag {tag!r} already exists on {table.name}")
     keep = pa.array(kept, pa.string())
 
@@ -429,6 +429,44 @@ def _checked_out(store: LanceStore, row: dict[str, Any]):
             f"{row['lance_version']}: the tag was moved outside diffcurate"
         )
     return table.to_lance().checkout_version(tag)
+
+
+def tag_problems(store: LanceStore, ledger: Ledger, dataset: str | None = None) -> dict[str, str]:
+    """The tags whose Lance tag no longer matches the ledger, with what is wrong.
+
+    The cheap part of :func:`verify`, for every tag at once (each release table is opened
+    once; the rows are not read): the Lance tag is missing or points at another version than
+    the ledger recorded, or an approval was left half-done.
+    """
+    rows = ledger.releases(dataset)
+    tables = set(store.db.list_tables().tables)
+    lance: dict[str, dict[str, int]] = {}
+    problems: dict[str, str] = {}
+    decided: dict[str, list[dict[str, Any]]] = {}
+    for d in ledger.decisions():
+        decided.setdefault(d["tag"], []).append(d)
+    for row in rows:
+        tag, name, version = row["tag"], row["lance_table"], int(row["lance_version"])
+        if name not in tables:
+            problems[tag] = f"Lance table {name} is missing"
+            continue
+        if name not in lance:
+            lance[name] = _lance_tags(store.db.open_table(name))
+        tags = lance[name]
+        if tag not in tags:
+            problems[tag] = "recorded in the ledger but has no Lance tag (deleted)"
+        elif tags[tag] != version:
+            problems[tag] = (
+                f"points at version {tags[tag]} of {name}; the ledger recorded {version} "
+                "(moved outside diffcurate)"
+            )
+        elif (
+            row["kind"] == "candidate"
+            and _status("candidate", decided.get(tag, [])) == "pending"
+            and release_tag(row["dataset"], int(row["n"])) in tags
+        ):
+            problems[tag] = "interrupted approval: the release tag exists, the approval does not"
+    return problems
 
 
 def verify(store: LanceStore, ledger: Ledger, tag: str) -> None:

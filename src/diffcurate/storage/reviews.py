@@ -1,6 +1,8 @@
 """Reviewer marks on a candidate release, and applying them as a new candidate.
 
-A reviewer marks a sample of a pending candidate ``keep`` or ``remove``. Marks are appended to
+A reviewer marks a *flagged* sample of a pending candidate (one of its removed ids) ``keep``
+(put it back) or ``remove`` (confirm the removal, or undo an earlier ``keep``); a sample the run
+kept cannot be marked. Marks are appended to
 the ledger's ``review_marks`` table, attributed and timestamped, never updated or deleted; the
 latest mark on a sample is the one in force. A mark covers the sample's whole
 exact-duplicate group (the hygiene run flags groups, so copies go or stay together): the ids it
@@ -10,6 +12,9 @@ Candidates are immutable, so marks are applied by :func:`apply_marks`, which wri
 candidate (through :func:`diffcurate.storage.releases.create_candidate`) whose kept/removed sets
 include the marks, with the original candidate's provenance, ``based_on`` and the marks applied
 in its manifest. The original candidate is then superseded and is not decided on any more.
+The gates measured the original's sets, not the new ones: the new candidate's manifest says
+``gates_measured: false`` and keeps the original's results only under ``based_on_gates``, so
+approving it needs an explicit override with a reason (or a re-gated candidate).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from diffcurate.storage.ledger import Ledger
 
 MARKS = ("keep", "remove")
 # Manifest keys of a candidate that describe *this* candidate rather than its provenance.
-_OWN_KEYS = frozenset({"based_on", "overrides"})
+_OWN_KEYS = frozenset({"based_on", "overrides", "gates_measured", "based_on_gates"})
+# Manifest keys holding gate results measured on a candidate's own kept/removed sets.
+GATE_KEYS = ("gates", "gate_passed")
 
 
 class ReviewError(ValueError):
@@ -44,13 +51,27 @@ def record_mark(
     role: str,
     comment: str = "",
 ) -> str:
-    """Append one mark; returns its id."""
+    """Append one mark; returns its id.
+
+    Raises:
+        ReviewError: an unknown mark, no actor or role, or a covered id that ``tag`` did not
+            flag (marks are limited to the candidate's removed ids).
+    """
     if mark not in MARKS:
         raise ReviewError(f"unknown mark {mark!r}; use keep or remove")
     if not actor.strip() or not role.strip():
         raise ReviewError("a mark needs an actor and a role")
     if sample_id not in sample_ids:
         raise ReviewError("a mark covers the sample it was made on")
+    try:
+        flagged = set(rel.manifest_ids(ledger, tag)["removed"])
+    except rel.ReleaseNotFound as e:
+        raise ReviewError(str(e)) from e
+    if unflagged := sorted(set(sample_ids) - flagged):
+        raise ReviewError(
+            f"{unflagged[0]} is not flagged in {tag}: marks are limited to the flagged "
+            "(removed) samples"
+        )
     mark_id = f"mark-{uuid.uuid4().hex}"
     with ledger.connect() as con:
         con.execute(
@@ -102,6 +123,12 @@ def marked_sets(
     return sorted(keep), sorted(drop), list(changed.values())
 
 
+def pending_changes(ledger: Ledger, tag: str) -> list[dict[str, Any]]:
+    """The marks on ``tag`` that would change its kept/removed sets if applied now."""
+    ids = rel.manifest_ids(ledger, tag)
+    return marked_sets(ids["kept"], ids["removed"], marks(ledger, tag))[2]
+
+
 def superseded_by(ledger: Ledger, tag: str) -> str | None:
     """The candidate created from ``tag`` with reviewer marks applied, if any."""
     with ledger.connect(read_only=True) as con:
@@ -131,8 +158,11 @@ def apply_marks(store: LanceStore, ledger: Ledger, tag: str, actor: str) -> rel.
     if not changed:
         return None
     provenance = {
-        k: v for k, v in manifest.items() if k not in rel.RESERVED_KEYS and k not in _OWN_KEYS
+        k: v
+        for k, v in manifest.items()
+        if k not in rel.RESERVED_KEYS and k not in _OWN_KEYS and k not in GATE_KEYS
     }
+    own_gates = {k: manifest[k] for k in GATE_KEYS if k in manifest}
     applied = [
         {"mark_id": m["mark_id"], "sample_id": m["sample_id"], "sample_ids": m["sample_ids"],
          "mark": m["mark"], "actor": m["actor"], "comment": m["comment"]}
@@ -140,5 +170,7 @@ def apply_marks(store: LanceStore, ledger: Ledger, tag: str, actor: str) -> rel.
     ]  # fmt: skip
     return rel.create_candidate(
         store, ledger, info.dataset, kept, removed,
-        manifest={**provenance, "based_on": tag, "overrides": applied}, created_by=actor,
+        manifest={**provenance, "based_on": tag, "overrides": applied, "gates_measured": False,
+                  "based_on_gates": manifest.get("based_on_gates", own_gates)},
+        created_by=actor,
     )  # fmt: skip
