@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -23,6 +25,22 @@ from diffcurate.storage.ledger_errors import LedgerError
 # soft_wrap: messages carry paths and ids that must stay copy-pastable; let terminals wrap.
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+# C0 and C1 control characters (ESC starts terminal escape sequences; CR rewrites a line) and
+# the bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_SPACING = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+
+
+def safe(value: Any) -> str:
+    """``value`` as text that prints as itself on the consoles: rich markup escaped, control
+    characters removed (tab, newline and carriage return become spaces).
+
+    Every command passes data it did not write itself (captions, keys, ids, comments, names,
+    paths, error messages quoting them) through this before printing it with markup on.
+    """
+    return escape(_CONTROL.sub("", str(value).translate(_SPACING)))
+
 
 # How a checkpoint is held: every command that loads a model takes these.
 VariantOpt = Annotated[
@@ -112,8 +130,9 @@ class CliGroup(TyperGroup):
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``message`` as an error and return the exit to raise (2 = refused)."""
-    err.print(f"[red]error:[/red] {message}")
+    """Print ``message`` (plain text, see :func:`safe`) as an error and return the exit to
+    raise (2 = refused)."""
+    err.print(f"[red]error:[/red] {safe(message)}")
     return typer.Exit(code)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from diffcurate.cli.common import WorkspaceOpt, out, workspace_settings
+from diffcurate.cli.common import WorkspaceOpt, out, safe, workspace_settings
 from diffcurate.cli.score import print_top_scores
 
 
@@ -40,10 +40,10 @@ def runs(
     for r in rows:
         s = r["stats"]
         t.add_row(
-            r["run_id"],
-            r["kind"],
-            r["dataset"] or "",
-            r["status"],
+            safe(r["run_id"]),
+            safe(r["kind"]),
+            safe(r["dataset"] or ""),
+            safe(r["status"]),
             f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
             "" if r["seconds"] is None else f"{r['seconds']:.1f}",
             str(s.get("ingested", "")),
@@ -71,10 +71,11 @@ def quarantine(
     if reason is not None:
         table = [r for r in table if r["reason"] == reason]
     counts = Counter(r["reason"] for r in table)
-    out.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "quarantine is empty")
+    out.print(safe(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+              or "quarantine is empty")  # fmt: skip
     t = Table("dataset", "key", "reason", "detail", "source")
     for r in table[:limit]:
-        t.add_row(r["dataset"], r["key"], r["reason"], r["detail"], r["source"])
+        t.add_row(*(safe(r[c] or "") for c in ("dataset", "key", "reason", "detail", "source")))
     if table:
         out.print(t)
 
@@ -95,7 +96,7 @@ def datasets(workspace: WorkspaceOpt = None) -> None:
     in_dup = Counter(r["dataset"] for r in dups if r["exact_group_size"] > 1)
     t = Table("dataset", "samples", "quarantined", "in exact-duplicate groups")
     for name in sorted(set(samples) | set(quarantined)):
-        t.add_row(name, str(samples[name]), str(quarantined[name]), str(in_dup[name]))
+        t.add_row(safe(name), str(samples[name]), str(quarantined[name]), str(in_dup[name]))
     out.print(t)
 
 

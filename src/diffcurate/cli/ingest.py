@@ -9,7 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from diffcurate.cli.common import WorkspaceOpt, err, fail, out, workspace_settings
+from diffcurate.cli.common import WorkspaceOpt, err, fail, out, safe, workspace_settings
 
 
 def ingest(
@@ -86,14 +86,14 @@ def ingest(
 
 def _print_ingest_summary(summary) -> None:
     t = Table(title=f"ingest {summary.run_id}", show_header=False)
-    t.add_row("dataset", summary.dataset)
-    t.add_row("source", f"{summary.source} ({summary.format})")
+    t.add_row("dataset", safe(summary.dataset))
+    t.add_row("source", safe(f"{summary.source} ({summary.format})"))
     t.add_row("records seen", str(summary.seen))
     t.add_row("ingested (new)", str(summary.ingested))
     t.add_row("already present", str(summary.already_present))
     t.add_row("quarantined", str(summary.quarantined))
     for reason, n in summary.quarantined_by_reason.items():
-        t.add_row(f"  {reason}", str(n))
+        t.add_row(safe(f"  {reason}"), str(n))
     d = summary.duplicates
     t.add_row(
         "exact duplicate groups",

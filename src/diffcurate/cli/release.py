@@ -4,8 +4,10 @@ Approve and reject go through :mod:`diffcurate.curation.approval`, as the dashbo
 the rules (pending candidate, registered approver, comment, override, reviewer marks, the
 workspace lock) live there. Exit codes: 0 done; 2 refused (unknown tag, already decided or
 superseded, not an approver, no comment, failed gates or audit without ``--override``, bad
-configuration), with the reason on stderr; 1 from ``show`` when a tag no longer matches the
-ledger. Heavy imports (lancedb) happen inside the commands.
+configuration), with the reason on stderr; 1 from ``show`` and ``list`` when a Lance tag no
+longer matches the ledger (shown as ``tampered``) or the ledger's decisions hash chain is broken
+(a decision row deleted or edited by hand). Everything printed from the ledger goes through
+:func:`~diffcurate.cli.common.safe`. Heavy imports (lancedb) happen inside the commands.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Column, Table
 
-from diffcurate.cli.common import CliGroup, WorkspaceOpt, err, fail, out, workspace_settings
+from diffcurate.cli.common import (
+    CliGroup,
+    WorkspaceOpt,
+    err,
+    fail,
+    out,
+    safe,
+    workspace_settings,
+)
 
 release_app = typer.Typer(
     help="Candidate releases: tagged LanceDB versions of kept samples, awaiting approval.",
@@ -71,23 +81,46 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """List candidates and releases, oldest first, with their status."""
+    """List candidates and releases, oldest first, with their status.
+
+    Each Lance tag is checked against the ledger (moved or deleted tags show as `tampered`),
+    and so is the decisions hash chain; either problem exits 1.
+    """
     from diffcurate.storage import releases as rel
 
-    _, ledger = _open(workspace)
+    store, ledger = _open(workspace)
     infos = rel.list_releases(ledger, dataset)
+    problems = rel.tag_problems(store, ledger, dataset)
+    chain = ledger.decision_chain_problems()
     if as_json:
-        out.print_json(json.dumps([_info_dict(i) for i in infos], default=str))
-        return
-    if not infos:
+        doc = [{**_info_dict(i), "problem": problems.get(i.tag)} for i in infos]
+        out.print_json(json.dumps(doc, default=str))
+    elif not infos:
         out.print("no candidate releases yet")
-        return
-    # Tags are copied into commands: never wrap them.
-    t = Table(Column("tag", no_wrap=True), "status", "kept", "removed", "version", "created", "by")
-    for i in infos:
-        t.add_row(i.tag, i.status, str(i.n_kept), str(i.n_removed), str(i.lance_version),
-                  f"{i.created_at:%Y-%m-%d %H:%M}", i.created_by)  # fmt: skip
-    out.print(t)
+    else:
+        # Tags are copied into commands: never wrap them.
+        t = Table(Column("tag", no_wrap=True), "status", "kept", "removed", "version",
+                  "created", "by")  # fmt: skip
+        for i in infos:
+            status = "[red]tampered[/red]" if i.tag in problems else i.status
+            t.add_row(safe(i.tag), status, str(i.n_kept), str(i.n_removed),
+                      str(i.lance_version), f"{i.created_at:%Y-%m-%d %H:%M}",
+                      safe(i.created_by))  # fmt: skip
+        out.print(t)
+    _report_tampering(problems, chain)
+
+
+def _report_tampering(problems: dict[str, str], chain: list[str]) -> None:
+    """Print each tampered tag and chain problem on stderr; exit 1 when there is any."""
+    for tag, problem in problems.items():
+        err.print(f"[red]tampered:[/red] {safe(tag)}: {safe(problem)}")
+    if chain:
+        err.print(
+            "[red]error:[/red] the ledger's decisions were altered outside diffcurate: "
+            + safe("; ".join(chain))
+        )
+    if problems or chain:
+        raise typer.Exit(1)
 
 
 @release_app.command()
@@ -110,6 +143,7 @@ def show(
         problem = None
     except rel.ReleaseError as e:
         problem = str(e)
+    chain = ledger.decision_chain_problems()
     manifest = dict(shown["manifest"])
     if not ids:
         manifest.pop("kept_ids", None)
@@ -119,30 +153,34 @@ def show(
             "info": _info_dict(shown["info"]),
             "manifest": manifest,
             "decisions": shown["decisions"],
-            "intact": problem is None,
+            "intact": problem is None and not chain,
             "problem": problem,
+            "chain_problems": chain,
         }
         out.print_json(json.dumps(doc, default=str))
     else:
         info = shown["info"]
-        t = Table(title=f"{info.kind} {info.tag}", show_header=False)
-        t.add_row("status", info.status)
-        t.add_row("dataset", info.dataset)
+        t = Table(title=safe(f"{info.kind} {info.tag}"), show_header=False)
+        t.add_row("status", "[red]tampered[/red]" if problem else info.status)
+        t.add_row("dataset", safe(info.dataset))
         t.add_row("kept / removed", f"{info.n_kept} / {info.n_removed}")
-        t.add_row("lance", f"{info.lance_table} version {info.lance_version}")
-        t.add_row("created", f"{info.created_at:%Y-%m-%d %H:%M:%S} by {info.created_by}")
-        t.add_row("tag check", "ok" if problem is None else f"[red]{problem}[/red]")
+        t.add_row("lance", safe(f"{info.lance_table} version {info.lance_version}"))
+        t.add_row("created", safe(f"{info.created_at:%Y-%m-%d %H:%M:%S} by {info.created_by}"))
+        t.add_row("tag check", "ok" if problem is None else f"[red]{safe(problem)}[/red]")
+        t.add_row("decisions chain", "ok" if not chain else f"[red]{safe('; '.join(chain))}[/red]")
         for key, value in manifest.items():  # provenance: runs, audit, gates, samples version
             if key not in _SHOWN:
-                t.add_row(key, value if isinstance(value, str) else json.dumps(value))
+                t.add_row(safe(key), safe(value if isinstance(value, str) else json.dumps(value)))
         out.print(t)
         d = Table("when", "action", "actor", "role", "comment", title="decisions")
         for row in shown["decisions"]:
-            d.add_row(f"{row['created_at']:%Y-%m-%d %H:%M:%S}", row["action"], row["actor"],
-                      row["role"], row["comment"])  # fmt: skip
+            d.add_row(f"{row['created_at']:%Y-%m-%d %H:%M:%S}", safe(row["action"]),
+                      safe(row["actor"]), safe(row["role"]), safe(row["comment"]))  # fmt: skip
         out.print(d if shown["decisions"] else "no decisions yet")
     if problem is not None:
-        err.print(f"[red]error:[/red] {problem}")
+        err.print(f"[red]error:[/red] {safe(problem)}")
+    _report_tampering({}, chain)
+    if problem is not None:
         raise typer.Exit(1)
 
 
@@ -175,15 +213,16 @@ def approve(
     except approval.ApprovalRefused as e:
         raise _refuse(e) from e
     if done.completed_interrupted:
-        out.print(f"completed the interrupted approval of {tag}")
+        out.print(f"completed the interrupted approval of {safe(tag)}")
     if done.approved != tag:
-        out.print(f"applied {done.marks_applied} reviewer marks to {tag}: new candidate "
-                  f"{done.approved} (supersedes {tag})")  # fmt: skip
+        note = (f"applied {done.marks_applied} reviewer marks to {tag}: new candidate "
+                f"{done.approved} (supersedes {tag}; its gates were not measured)")  # fmt: skip
+        out.print(safe(note))
     info = done.release
-    out.print(
+    out.print(safe(
         f"approved {done.approved} by {who}: released as {info.tag} "
         f"({info.lance_table} version {info.lance_version}, {info.n_kept} samples)"
-    )
+    ))  # fmt: skip
 
 
 @release_app.command()
@@ -204,4 +243,4 @@ def reject(
             approval.reject(store, ledger, tag, who, comment)
     except approval.ApprovalRefused as e:
         raise _refuse(e) from e
-    out.print(f"rejected {tag} by {who}")
+    out.print(safe(f"rejected {tag} by {who}"))

@@ -24,6 +24,7 @@ from diffcurate.cli.common import (
     load_options,
     out,
     preflight,
+    safe,
     secret_list,
     workspace_settings,
 )
@@ -291,8 +292,9 @@ def evaluate(
         summary = eval_flow(params)
     except (FileNotFoundError, ModelLoadError, ValueError, KeyError) as e:
         raise fail(str(e)) from e
-    t = Table(title=f"eval {summary.run_id}: {len(summary.secrets)} secrets, τ "
-              f"{summary.mem_tau:.4g}; FD/KID reference: {summary.reference}")  # fmt: skip
+    title = (f"eval {summary.run_id}: {len(summary.secrets)} secrets, τ "
+             f"{summary.mem_tau:.4g}; FD/KID reference: {summary.reference}")  # fmt: skip
+    t = Table(title=safe(title))
     t.add_column("scorer", no_wrap=True)
     t.add_column("mitigation", no_wrap=True)
     for name in ("removed images/samples", "secrets removed", "Mem%", "FD (vs none)", "KID",
@@ -350,20 +352,20 @@ def _print_hygiene(summary) -> None:
         audit = "passed"
     else:
         audit = "FAILED: " + "; ".join(summary.audit_violations)
-    t.add_row("audit", f"{audit} ({', '.join(summary.audit_attributes) or '-'})")
-    t.add_row("mitigation", summary.mitigation)
+    t.add_row("audit", safe(f"{audit} ({', '.join(summary.audit_attributes) or '-'})"))
+    t.add_row("mitigation", safe(summary.mitigation))
     copies = summary.secret_samples
     t.add_row("secrets", f"{len(summary.secrets)} distinct images"
               + (f" ({copies} samples with copies)" if copies > len(summary.secrets) else "")
-              + f" ({summary.secrets_source})")  # fmt: skip
-    t.add_row("utility reference", summary.reference)
+              + safe(f" ({summary.secrets_source})"))  # fmt: skip
+    t.add_row("utility reference", safe(summary.reference))
     if summary.geometry:
         g = summary.geometry
         t.add_row("geometry", f"{g.get('geometry')}: {g.get('cropped', 0)} cropped, "
                   f"{g.get('upscaled', 0)} upscaled, {g.get('padded', 0)} padded of "
                   f"{g.get('n_images', '?')}")  # fmt: skip
     if summary.geometry_warning:
-        err.print(f"[yellow]warning:[/yellow] {summary.geometry_warning}")
+        err.print(f"[yellow]warning:[/yellow] {safe(summary.geometry_warning)}")
     cal = summary.mem_calibration
     if summary.mem_tau is not None:
         how = ("fixed" if cal is None else
@@ -379,7 +381,7 @@ def _print_hygiene(summary) -> None:
                       f"reconstructed: {when}")  # fmt: skip
     if summary.guidance_scale is not None:
         t.add_row("generation", f"each secret's caption, guidance {summary.guidance_scale:g}")
-    t.add_row("candidate model", summary.candidate_model)
+    t.add_row("candidate model", safe(summary.candidate_model))
     t.add_row(
         "time",
         f"{summary.seconds:.1f} s ("
@@ -400,12 +402,12 @@ def _print_hygiene(summary) -> None:
     for c in summary.gates:
         fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
         reason = c["reason"] if len(c["reason"]) <= 160 else c["reason"][:157] + "..."
-        gates.add_row(c["name"], fmt(c["value_before"]), fmt(c["value_after"]),
+        gates.add_row(safe(c["name"]), fmt(c["value_before"]), fmt(c["value_after"]),
                       fmt(c["threshold"]), "pass" if c["passed"] else "FAIL",
-                      reason)  # fmt: skip
+                      safe(reason))  # fmt: skip
     out.print(gates)
     for e in summary.gate_table_errors:
-        err.print(f"[red]gate table invalid:[/red] {e}")
+        err.print(f"[red]gate table invalid:[/red] {safe(e)}")
     verdict = "PASSED" if summary.gate_passed else "FAILED"
     out.print(f"gate decision: {verdict}; candidate release {summary.release_tag} awaits "
               f"approval (`diffcurate release show {summary.release_tag}`)")  # fmt: skip

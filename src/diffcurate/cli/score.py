@@ -21,6 +21,7 @@ from diffcurate.cli.common import (
     load_options,
     out,
     preflight,
+    safe,
     secret_list,
     workspace_settings,
 )
@@ -271,17 +272,18 @@ def attribute(
     except (ValidationError, ValueError) as e:
         raise fail(str(e)) from e
     run_note = f" run {result.run_id}," if result.run_id else ""
-    out.print(
+    out.print(safe(
         f"{result.scorer} ({result.mode}) on {result.dataset!r},{run_note} "
         f"{result.searched} training samples searched in {1000 * result.seconds:.0f} ms"
-    )
+    ))  # fmt: skip
     t = Table("rank", "score", title=f"top {len(result.rows)}")
     width = max((len(r["sample_id"]) for r in result.rows), default=9)
     t.add_column("sample_id", no_wrap=True, min_width=width)  # ids must stay copy-pastable
     t.add_column("key")
     t.add_column("caption")
     for rank, r in enumerate(result.rows, 1):
-        t.add_row(str(rank), f"{r['score']:.5g}", r["sample_id"], r["key"], r["caption"])
+        t.add_row(str(rank), f"{r['score']:.5g}", safe(r["sample_id"]), safe(r["key"]),
+                  safe(r["caption"]))  # fmt: skip
     out.print(t)
 
 
@@ -306,6 +308,7 @@ def print_top_scores(settings: Settings, run_id: str, top: int) -> None:
     t = Table("rank", "score", "± stderr", "key", "caption", title=f"riskiest {len(rows)}")
     for rank, r in enumerate(rows, 1):
         s = samples.get(r["sample_id"], {})
-        t.add_row(str(rank), f"{r['score']:.5g}", f"{r['stderr']:.2g}", s.get("key", "?"),
-                  s.get("caption", ""))  # fmt: skip
+        stderr = "-" if r["stderr"] is None else f"{r['stderr']:.2g}"
+        t.add_row(str(rank), f"{r['score']:.5g}", stderr, safe(s.get("key", "?")),
+                  safe(s.get("caption") or ""))  # fmt: skip
     out.print(t)
