@@ -84,9 +84,10 @@ def read_only_workspace():
     root = Path(tempfile.mkdtemp(prefix="dc-ro-", dir="/tmp"))
     try:
         ws = small_workspace(root / "ws")
+        token = UserStore(ws / "ledger.duckdb").add("carol", "viewer")
         for p in [root, *root.rglob("*")]:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        yield ws
+        yield ws, token
     finally:
         for p in [root, *root.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -100,14 +101,15 @@ def as_reader(code: list[str], cwd: Path) -> subprocess.CompletedProcess:
         if setpriv is None:
             pytest.skip("running as root without setpriv: cannot drop write access")
         prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(Path(__file__).parent)}  # fmt: skip
     env.pop("DIFFCURATE_WORKSPACE", None)
     return subprocess.run([*prefix, sys.executable, *code], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def test_read_commands_work_on_a_read_only_ledger(read_only_workspace):
-    ws = read_only_workspace
+    ws, token = read_only_workspace
     cli = ["-m", "diffcurate.cli"]
     for args in (["runs", "--json"], ["users", "list"], ["release", "list"]):
         res = as_reader([*cli, *args, "-w", str(ws)], ws.parent)
@@ -118,12 +120,13 @@ def test_read_commands_work_on_a_read_only_ledger(read_only_workspace):
     res = as_reader([*cli, "users", "add", "bob", "--role", "viewer", "-w", str(ws)], ws.parent)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "read-only" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    # The dashboard (what `serve` runs) starts and shows pages on it.
+    # The dashboard (what `serve` runs) starts, logs in and shows pages on it.
     script = (
         "import sys; from starlette.testclient import TestClient; "
         "from diffcurate.dashboards.app import create_app; "
-        f"c = TestClient(create_app({str(ws)!r})); "
-        "assert c.get('/login').status_code == 200; print('dashboard ok')"
+        "from dashboards.conftest import login; "
+        f"c = TestClient(create_app({str(ws)!r})); login(c, {token!r}); "
+        "assert 'ingest' in c.get('/runs').text; print('dashboard ok')"
     )
     res = as_reader(["-c", script], ws.parent)
     assert res.returncode == 0 and "dashboard ok" in res.stdout, res.stderr

@@ -49,7 +49,7 @@ app.command("quarantine")(info.quarantine)
 app.command("datasets")(info.datasets)
 app.command("config")(info.config)
 app.add_typer(release_app, name="release", help="List, show, approve or reject candidate releases.")
-app.add_typer(users_app, name="users", help="Add or list review-dashboard users.")
+app.add_typer(users_app, name="users", help="Add, list, remove or re-role review-dashboard users.")
 app.command("serve")(serve)
 app.add_typer(deploy_app, name="deploy", help="Work pools, deployments and schedules at scale.")
 

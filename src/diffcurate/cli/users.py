@@ -58,9 +58,57 @@ def users_list(workspace: WorkspaceOpt = None) -> None:
     out.print(t)
 
 
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="The user to remove.")],
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Remove a user: their token stops working and open dashboard sessions end at once."""
+    from diffcurate.storage.users import UserError, UserStore
+
+    try:
+        UserStore(workspace_settings(workspace).layout.ledger_path).remove(name)
+    except UserError as e:
+        raise fail(str(e)) from e
+    out.print(f"removed {name}; their past decisions and marks keep their name")
+
+
+@users_app.command("set-role")
+def users_set_role(
+    name: Annotated[str, typer.Argument(help="The user to change.")],
+    role: Annotated[str, typer.Argument(help="viewer | reviewer | approver.")],
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Change a user's role; open dashboard sessions get the new role on their next request."""
+    from diffcurate.storage.users import UserError, UserStore
+
+    try:
+        UserStore(workspace_settings(workspace).layout.ledger_path).set_role(name, role)
+    except UserError as e:
+        raise fail(str(e)) from e
+    out.print(f"{name} is now {role}")
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-proxy",
+            help="Address of a reverse proxy whose X-Forwarded-For names the client (for the "
+            "login throttle); repeatable. Without it the socket's peer address is used and "
+            "X-Forwarded-For is ignored.",
+        ),
+    ] = None,
+    secure_cookie: Annotated[
+        bool,
+        typer.Option(
+            "--secure-cookie",
+            help="Mark the session cookies Secure (sent over HTTPS only): use it behind a TLS "
+            "proxy.",
+        ),
+    ] = False,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Serve the review dashboard (flagged images, audit, gates, approvals) for a workspace."""
@@ -70,7 +118,8 @@ def serve(
     from diffcurate.storage.users import UserStore
 
     settings = workspace_settings(workspace)
-    app = create_app(settings.workspace)
+    app = create_app(settings.workspace, secure_cookies=secure_cookie,
+                     trusted_proxies=trusted_proxy or ())  # fmt: skip
     if not UserStore(settings.layout.ledger_path).list():
         err.print("[yellow]note:[/yellow] no users yet; add one with "
                   "`diffcurate users add NAME --role approver`")  # fmt: skip
@@ -79,4 +128,6 @@ def serve(
                   "a TLS proxy before anyone else can reach it")  # fmt: skip
     out.print(f"diffcurate review dashboard on http://{host}:{port}/ (workspace "
               f"{settings.workspace}); Ctrl-C stops it")  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # The app reads X-Forwarded-For itself, from trusted proxies only: uvicorn's own handling
+    # trusts any peer on 127.0.0.1, which lets a local client forge its address.
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)

@@ -8,7 +8,9 @@ reviewer marks keep/remove; approver approves or rejects through
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -36,11 +38,13 @@ from diffcurate.dashboards.security import (
     SAMPLE_ID,
     SESSION_COOKIE,
     TAG,
+    BodyLimit,
     LoginThrottle,
     NotLoggedIn,
     Policy,
     Session,
     Sessions,
+    client_address,
     current_session,
     guard,
     route_role,
@@ -50,8 +54,13 @@ from diffcurate.dashboards.thumbs import thumbnail_png
 from diffcurate.metrics.memorization import DEFAULT_THRESHOLDS
 from diffcurate.storage import releases as rel
 from diffcurate.storage import reviews
+from diffcurate.storage.ledger_errors import LedgerError, LedgerLocked, LedgerReadOnly, classify
+from diffcurate.storage.users import hash_token
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 2
+"""What a 503 for a locked ledger tells clients to wait: writes hold the lock for moments."""
 PER_PAGE = 48
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -73,22 +82,61 @@ Tag = Annotated[str, PathParam(pattern=TAG)]
 Viewer = Annotated[Session, Depends(viewer)]
 
 
-def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
-    """The app serving one workspace (its ledger and LanceDB tables)."""
+def create_app(
+    workspace: Path, *, secure_cookies: bool = False, trusted_proxies: Iterable[str] = ()
+) -> FastAPI:
+    """The app serving one workspace (its ledger and LanceDB tables).
+
+    Args:
+        secure_cookies: Mark cookies Secure (the app is reached over HTTPS through a proxy).
+        trusted_proxies: Peers whose ``X-Forwarded-For`` names the client for the login
+            throttle; any other peer's header is ignored.
+    """
     app = FastAPI(title="diffcurate review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.data = data = DashboardData(workspace)
-    app.state.sessions = Sessions()
+    trusted = frozenset(trusted_proxies)
+
+    def lookup(token_hash: str):
+        with data.lock:
+            return data.users.by_token_hash(token_hash)
+
+    app.state.sessions = Sessions(lookup=lookup)
     app.state.throttle = LoginThrottle()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["fmt"] = plots.fmt
     templates.env.globals["CSRF_FIELD"] = CSRF_FIELD
 
     def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        session = current_session(request)
+        try:
+            session = current_session(request)
+        except LedgerError:  # the error page of an unusable ledger: shown without a session
+            session = None
         return templates.TemplateResponse(
             request, name, {"session": session, **ctx}, status_code=status
         )
 
+    def ledger_error(request: Request, exc: LedgerError) -> HTMLResponse:
+        """503 with Retry-After for a lock (it clears); 500 and an error log otherwise."""
+        if isinstance(exc, LedgerLocked):
+            log.warning("ledger busy on %s %s: %s", request.method, request.url.path, exc)
+            message = "Another process is writing the ledger; reload in a moment."
+            resp = page(request, "error.html", 503, title="Ledger busy", message=message)
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return resp
+        log.error("ledger unusable on %s %s: %s", request.method, request.url.path, exc)
+        if isinstance(exc, LedgerReadOnly):
+            title = "Ledger read-only"
+            message = ("The server may not write the ledger, so nothing was recorded. Pages "
+                       "still work; an operator must fix the file's permissions.")  # fmt: skip
+        else:
+            title = "Ledger unreadable"
+            message = ("The ledger cannot be read: it is truncated, damaged or not a DuckDB "
+                       "file. The server log has the details; an operator must restore it "
+                       "from a backup.")  # fmt: skip
+        return page(request, "error.html", 500, title=title, message=message)
+
+    # SecurityHeaders is added last, so it wraps (and adds its headers to) BodyLimit's 413.
+    app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(NotLoggedIn)
@@ -102,11 +150,13 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
         return page(request, "error.html", 404, title="Not found",
                     message="No such page: an id in the address is malformed.")  # fmt: skip
 
+    @app.exception_handler(LedgerError)
+    async def unusable(request: Request, exc: LedgerError):
+        return ledger_error(request, exc)
+
     @app.exception_handler(duckdb.IOException)
-    async def busy(request: Request, exc: duckdb.IOException):
-        # DuckDB allows one writing process per file: a run writing the ledger locks it briefly.
-        message = "Another process is writing the ledger; reload in a moment."
-        return page(request, "error.html", 503, title="Ledger busy", message=message)
+    async def io_error(request: Request, exc: duckdb.IOException):
+        return ledger_error(request, classify(data.ledger.path, exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -136,20 +186,24 @@ def create_app(workspace: Path, *, secure_cookies: bool = False) -> FastAPI:
     @app.post("/login", openapi_extra=Policy(PUBLIC))
     def login(request: Request, _: Annotated[None, Depends(guard(PUBLIC))]) -> Response:
         form = request.state.form
-        client = request.client.host if request.client else "?"
-        if app.state.throttle.blocked(client):
+        client = client_address(request, trusted)
+        account = form.get("user", "").strip()[:64]
+        if app.state.throttle.blocked(client, account):
             raise HTTPException(429, "too many failed logins; wait a minute")
+        token = form.get("token", "").strip()
         with data.lock:
-            user = data.users.authenticate(form.get("token", "").strip())
+            user = data.users.authenticate(token)
+        if user is not None and account and user.name != account:
+            user = None
         if user is None:
-            app.state.throttle.failed(client)
+            app.state.throttle.failed(client, account)
             token = _token()
             resp = page(request, "login.html", 401, login_csrf=token, error="Unknown token.",
                         next=_safe_next(form.get("next", "")))  # fmt: skip
             resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict",
                             secure=secure_cookies, max_age=3600)  # fmt: skip
             return resp
-        sid, _session = app.state.sessions.create(user)
+        sid, _session = app.state.sessions.create(user, hash_token(token))
         resp = RedirectResponse(_safe_next(form.get("next", "")) or "/runs", status_code=303)
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict",
                         secure=secure_cookies)  # fmt: skip

@@ -5,9 +5,16 @@ the login form) and guarded by :func:`guard`, which refuses, before the handler 
 anonymous requests (401), a role below the route's (403), and a missing or wrong CSRF token
 (403). A route table without a policy for some non-GET route is refused when the app is built.
 
-Sessions live in server memory (a restart logs everyone out). The session cookie is HttpOnly
-and SameSite=Strict; each session has its own CSRF token, sent back in a hidden form field.
-The login form, which has no session yet, uses a double-submit cookie instead.
+Sessions live in server memory (a restart logs everyone out) and are checked against the
+``users`` table on every request: removing a user ends their sessions, a role change applies to
+the next request. The session cookie is HttpOnly and SameSite=Strict (and Secure with
+``serve --secure-cookie``); each session has its own CSRF token, sent back in a hidden form
+field. The login form, which has no session yet, uses a double-submit cookie instead.
+
+Failed logins are throttled per (client address, account named in the form), so bad tries
+never lock a correct token out for everyone behind one address. The client address is the
+socket's peer; ``X-Forwarded-For`` counts only when the peer is a configured trusted proxy.
+Request bodies are capped by :class:`BodyLimit` before they are read.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hmac
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
@@ -42,20 +50,29 @@ class Session:
     user: User
     csrf: str
     expires: float
+    token_hash: str = ""
+    """The hash of the token that opened the session: how each request finds its user again."""
 
 
 @dataclass
 class Sessions:
-    """In-memory session table (thread-safe)."""
+    """In-memory session table (thread-safe).
+
+    Attributes:
+        lookup: The current user holding a token hash, or None (removed, or token replaced).
+            When set, :meth:`get` calls it on every request, so a session never outlives its
+            user's row or keeps a role the user no longer has.
+    """
 
     seconds: float = SESSION_SECONDS
+    lookup: Callable[[str], User | None] | None = None
     _by_id: dict[str, Session] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def create(self, user: User) -> tuple[str, Session]:
+    def create(self, user: User, token_hash: str = "") -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
         session = Session(user=user, csrf=secrets.token_urlsafe(32),
-                          expires=time.time() + self.seconds)  # fmt: skip
+                          expires=time.time() + self.seconds, token_hash=token_hash)  # fmt: skip
         with self._lock:
             now = time.time()
             for k in [k for k, s in self._by_id.items() if s.expires < now]:
@@ -71,7 +88,13 @@ class Sessions:
             if session is None or session.expires < time.time():
                 self._by_id.pop(sid, None)
                 return None
-            return session
+        if self.lookup is not None:
+            user = self.lookup(session.token_hash)
+            if user is None:
+                self.drop(sid)
+                return None
+            session.user = user
+        return session
 
     def drop(self, sid: str | None) -> None:
         with self._lock:
@@ -79,23 +102,103 @@ class Sessions:
 
 
 class LoginThrottle:
-    """At most ``limit`` failed logins per client address per ``window`` seconds."""
+    """At most ``limit`` failed logins per (client address, account) per ``window`` seconds.
+
+    Only failures count, and per account: bad tries naming one account (or none) do not
+    lock out another account's correct token from the same address, e.g. everyone behind
+    one proxy or NAT. ``account`` is the user name the form gives ('' when it gives none).
+    """
+
+    MAX_KEYS = 10_000
+    """Keys kept before stale ones are pruned (forged account names cannot grow memory)."""
 
     def __init__(self, limit: int = 10, window: float = 60.0) -> None:
         self.limit, self.window = limit, window
-        self._fails: dict[str, list[float]] = {}
+        self._fails: dict[tuple[str, str], list[float]] = {}
         self._lock = threading.Lock()
 
-    def blocked(self, client: str) -> bool:
+    def blocked(self, client: str, account: str = "") -> bool:
         with self._lock:
             now = time.time()
-            recent = [t for t in self._fails.get(client, []) if now - t < self.window]
-            self._fails[client] = recent
+            key = (client, account)
+            recent = [t for t in self._fails.get(key, []) if now - t < self.window]
+            if recent:
+                self._fails[key] = recent
+            else:
+                self._fails.pop(key, None)
             return len(recent) >= self.limit
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str, account: str = "") -> None:
         with self._lock:
-            self._fails.setdefault(client, []).append(time.time())
+            now = time.time()
+            if len(self._fails) >= self.MAX_KEYS:
+                for k in [k for k, ts in self._fails.items() if now - ts[-1] >= self.window]:
+                    del self._fails[k]
+            self._fails.setdefault((client, account), []).append(now)
+
+
+def client_address(request: Request, trusted_proxies: Iterable[str] = ()) -> str:
+    """The address a request comes from, for throttling.
+
+    The socket's peer, unless that peer is a trusted proxy: then the right-most
+    ``X-Forwarded-For`` hop that is not itself a trusted proxy (hops further left are
+    whatever the client chose to send).
+    """
+    peer = request.client.host if request.client else "?"
+    trusted = set(trusted_proxies)
+    if peer not in trusted:
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if hop not in trusted:
+            return hop
+    return peer
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over ``max_bytes`` with 413, unread.
+
+    A ``Content-Length`` over the cap is answered before any byte of the body is received;
+    a chunked body is counted as it streams and refused as soon as it passes the cap, so an
+    anonymous client cannot make the server buffer a large upload.
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_FORM_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > self.max_bytes
+            except ValueError:
+                too_large = True
+            if too_large:
+                await _too_large(send)
+                return
+        received = 0
+
+        async def capped():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, "request body too large")
+            return message
+
+        await self.app(scope, capped, send)
+
+
+async def _too_large(send) -> None:
+    body = b"request body too large"
+    await send({"type": "http.response.start", "status": 413, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 class NotLoggedIn(Exception):
@@ -127,8 +230,17 @@ def _same_origin(request: Request) -> bool:
 
 
 def current_session(request: Request) -> Session | None:
+    """The request's session, looked up (and checked against the users table) once."""
+    cached = getattr(request.state, "dc_session", _UNSET)
+    if cached is not _UNSET:
+        return cached
     sessions: Sessions = request.app.state.sessions
-    return sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = sessions.get(request.cookies.get(SESSION_COOKIE))
+    request.state.dc_session = session
+    return session
+
+
+_UNSET = object()
 
 
 async def viewer(request: Request) -> Session:

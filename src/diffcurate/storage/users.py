@@ -23,7 +23,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 class UserError(ValueError):
-    """A user could not be created (bad name or role, name taken)."""
+    """A user could not be created or changed (bad name or role, name taken, no such user)."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,42 @@ class UserStore:
         """The user holding ``token``, or None."""
         if not token or len(token) > 200:
             return None
+        return self.by_token_hash(hash_token(token))
+
+    def by_token_hash(self, token_hash: str) -> User | None:
+        """The user whose token hashes to ``token_hash`` now, or None.
+
+        The dashboard asks on every request, so a removed user's session ends and a changed
+        role applies at once.
+        """
+        if not token_hash:
+            return None
         with self.ledger.connect(read_only=True) as con:
             row = con.execute(
-                "SELECT name, role FROM users WHERE token_hash = ?", [hash_token(token)]
+                "SELECT name, role FROM users WHERE token_hash = ?", [token_hash]
             ).fetchone()
         return None if row is None else User(name=row[0], role=row[1])
+
+    def remove(self, name: str) -> None:
+        """Delete a user: their token stops working and their open sessions end.
+
+        Their past decisions and marks keep their name (the ledger is append-only).
+        """
+        with self.ledger.connect() as con:
+            gone = con.execute("DELETE FROM users WHERE name = ? RETURNING name", [name]).fetchall()
+        if not gone:
+            raise UserError(f"no user {name!r}")
+
+    def set_role(self, name: str, role: str) -> None:
+        """Change a user's role; it applies to their open sessions from the next request."""
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        with self.ledger.connect() as con:
+            done = con.execute(
+                "UPDATE users SET role = ? WHERE name = ? RETURNING name", [role, name]
+            ).fetchall()
+        if not done:
+            raise UserError(f"no user {name!r}")
 
     def list(self) -> list[dict]:
         with self.ledger.connect(read_only=True) as con:
