@@ -21,10 +21,15 @@ from typer.testing import CliRunner
 from dashboards.conftest import csrf_of, login
 from diffcurate.cli import app as cli
 from diffcurate.dashboards.app import create_app
-from diffcurate.dashboards.security import LOGIN_CSRF_COOKIE, MAX_FORM_BYTES, SESSION_COOKIE
+from diffcurate.dashboards.security import (
+    LOGIN_CSRF_COOKIE,
+    MAX_FORM_BYTES,
+    SESSION_COOKIE,
+    UserLookup,
+)
 from diffcurate.storage import ledger as ledger_mod
 from diffcurate.storage.ledger import Ledger
-from diffcurate.storage.users import ROLES, UserStore
+from diffcurate.storage.users import ROLES, UserStore, hash_token
 from storage.test_ledger_errors import hold_write_lock
 
 TAG = "digits-candidate-1"
@@ -255,3 +260,24 @@ def test_a_held_ledger_lock_is_503_with_retry_after(ws, tokens, monkeypatch):
     assert r.status_code == 503 and "Ledger busy" in r.text
     assert r.headers["Retry-After"].isdigit()
     assert client.get("/runs").status_code == 200  # and it clears
+
+
+def test_user_lookup_reads_the_ledger_again_after_any_write(ws, tokens):
+    store = UserStore(ws / "ledger.duckdb")
+    calls = []
+
+    def fetch(token_hash):
+        calls.append(token_hash)
+        return store.by_token_hash(token_hash)
+
+    lookup = UserLookup(ws / "ledger.duckdb", fetch, max_age=60)
+    viewer = hash_token(tokens["viewer"])
+    assert [lookup(viewer).role for _ in range(20)] == ["viewer"] * 20
+    assert len(calls) == 1  # pages with dozens of thumbnails do not reopen the ledger
+    store.set_role("viewer", "reviewer")
+    assert lookup(viewer).role == "reviewer"
+    store.remove("viewer")
+    assert lookup(viewer) is None and len(calls) == 3
+    stale = UserLookup(ws / "ledger.duckdb", fetch, max_age=0)
+    stale(viewer), stale(viewer)
+    assert len(calls) == 5  # the age bound holds even when the file looks unchanged

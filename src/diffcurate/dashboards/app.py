@@ -44,6 +44,7 @@ from diffcurate.dashboards.security import (
     Policy,
     Session,
     Sessions,
+    UserLookup,
     client_address,
     current_session,
     guard,
@@ -96,11 +97,11 @@ def create_app(
     app.state.data = data = DashboardData(workspace)
     trusted = frozenset(trusted_proxies)
 
-    def lookup(token_hash: str):
+    def fetch(token_hash: str):
         with data.lock:
             return data.users.by_token_hash(token_hash)
 
-    app.state.sessions = Sessions(lookup=lookup)
+    app.state.sessions = Sessions(lookup=UserLookup(data.ledger.path, fetch))
     app.state.throttle = LoginThrottle()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["fmt"] = plots.fmt

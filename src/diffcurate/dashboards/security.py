@@ -20,6 +20,7 @@ Request bodies are capped by :class:`BodyLimit` before they are read.
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import threading
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from diffcurate.storage.users import ROLES, User
 
@@ -99,6 +101,46 @@ class Sessions:
     def drop(self, sid: str | None) -> None:
         with self._lock:
             self._by_id.pop(sid or "", None)
+
+
+class UserLookup:
+    """The user holding a token hash, as the ledger's ``users`` table says now (cached).
+
+    Opening the ledger costs milliseconds, and a page loads dozens of thumbnails. Answers are
+    kept while the ledger file and its WAL keep their size, mtime and inode (a read leaves
+    them alone; any write, such as ``users remove``, changes them), and never longer than
+    ``max_age`` seconds, so a change made while the signature did not move still applies.
+    """
+
+    def __init__(self, path, fetch: Callable[[str], User | None], max_age: float = 2.0) -> None:
+        self.path, self.fetch, self.max_age = path, fetch, max_age
+        self._signature: tuple | None = None
+        self._since = 0.0
+        self._users: dict[str, User | None] = {}
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple:
+        out = []
+        for p in (str(self.path), f"{self.path}.wal"):
+            try:
+                st = os.stat(p)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
+    def __call__(self, token_hash: str) -> User | None:
+        signature, now = self._stat(), time.monotonic()
+        with self._lock:
+            if signature != self._signature or now - self._since > self.max_age:
+                self._signature, self._since, self._users = signature, now, {}
+            if token_hash in self._users:
+                return self._users[token_hash]
+        user = self.fetch(token_hash)
+        with self._lock:
+            if self._signature == signature:
+                self._users[token_hash] = user
+        return user
 
 
 class LoginThrottle:
@@ -245,7 +287,7 @@ _UNSET = object()
 
 async def viewer(request: Request) -> Session:
     """Dependency of every page: a logged-in user (any role), else a redirect to /login."""
-    session = current_session(request)
+    session = await run_in_threadpool(current_session, request)  # may read the ledger
     if session is None:
         raise NotLoggedIn()
     return session
@@ -280,7 +322,7 @@ def guard(role: str):
             if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
                 raise HTTPException(403, "missing or invalid CSRF token: reload the page")
             return None
-        session = current_session(request)
+        session = await run_in_threadpool(current_session, request)
         if session is None:
             raise HTTPException(401, "log in first")
         if not session.user.can(role):
