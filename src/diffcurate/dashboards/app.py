@@ -105,6 +105,7 @@ def create_app(
     app.state.throttle = LoginThrottle()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["fmt"] = plots.fmt
+    templates.env.filters["duration"] = plots.duration
     templates.env.globals["CSRF_FIELD"] = CSRF_FIELD
 
     def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -241,13 +242,18 @@ def create_app(
         ctx.update(_release_ctx(data, stats.get("release_tag")))
         grid = data.flagged_page(run, page_no, PER_PAGE)
         ctx["grid"] = grid
-        scores = data.scores(stats.get("score_run", "")) if stats.get("score_run") else {}
         removed = grid.removed
-        flagged_scores = [s for k, s in scores.items() if k in removed]
+        values, flagged = data.distinct_scores(run)
+        policy = run["params"].get("flag") or {}
+        if policy.get("mode") == "threshold" and policy.get("threshold") is not None:
+            threshold, label = float(policy["threshold"]), "policy threshold"
+        else:  # top fraction: the riskiest distinct image that was not flagged lies below this
+            lowest = [v for v, f in zip(values, flagged, strict=True) if f]
+            threshold, label = (min(lowest) if lowest else None), "lowest flagged image"
+        ctx["scorer"] = data.scorer_of(stats["score_run"]) if stats.get("score_run") else "risk"
         ctx["histogram"] = plots.histogram(
-            list(scores.values()), [k in removed for k in scores],
-            threshold=min(flagged_scores) if flagged_scores else None,
-            title=f"{run['params'].get('scorer', {}).get('signal', 'risk')} score",
+            values, flagged, threshold=threshold, threshold_label=label,
+            title=f"{ctx['scorer']} score", unit="images",
         )  # fmt: skip
         layers = data.per_layer(stats["score_run"], removed) if stats.get("score_run") else None
         ctx["layers"] = None
@@ -278,8 +284,12 @@ def create_app(
             rows = data.ledger.audits(run_id)
         policy = run["params"].get("audit") or {}
         ratio = float(policy.get("min_retention_ratio", 0.8))
-        charts = []
+        alpha = float(policy.get("alpha", 0.05))
+        min_v = float(policy.get("min_effect_size", 0.0))
+        charts, tests, why = [], [], []
         for a in rows:
+            tests.append(_dependence_chart(a["summary"], alpha))
+            why.append(_audit_reasons(a, ratio, alpha, min_v))
             groups = list(a["groups"].values())
             retention = [g["retention_rate"] for g in groups if g.get("included", True)]
             limit = 1 - ratio * max(retention) if retention else None
@@ -292,7 +302,7 @@ def create_app(
                 title=f"removal rate by {a['attribute']}",
             ))  # fmt: skip
         return page(request, "audit.html", run=run, stats=run["stats"], audits=rows,
-                    charts=charts, ratio=ratio, tab="audit",
+                    charts=charts, tests=tests, why=why, ratio=ratio, alpha=alpha, tab="audit",
                     **_release_ctx(data, run["stats"].get("release_tag")))  # fmt: skip
 
     @app.get("/runs/{run_id}/gates")
@@ -325,10 +335,9 @@ def create_app(
             for s in (stats.get("secrets") or [])[:200]
         ]  # fmt: skip
         data.prefetch([s["id"] for s in secrets])
-        tau = dict((run["params"].get("measure") or {}).get("memorization") or {})
-        tau.setdefault("metric", "tiled_l2")
-        if tau.get("threshold") is None:
-            tau["threshold"] = DEFAULT_THRESHOLDS.get(tau["metric"])
+        tau = _mem_rule(run)
+        for s in secrets:
+            s["reconstructed"] = {p: _reconstructed(s[p], tau) for p in ("before", "after")}
         return page(request, "gates.html", run=run, stats=stats, checks=checks, charts=charts,
                     secrets=secrets, tau=tau, tab="gates",
                     **_release_ctx(data, stats.get("release_tag")))  # fmt: skip
@@ -523,6 +532,78 @@ def _gate_chart_ref(check: dict[str, Any]) -> tuple[float | None, str] | None:
     if name in ("audit", "memorization_no_increase"):
         return None
     return None, ""
+
+
+def _mem_rule(run: dict[str, Any]) -> dict[str, Any]:
+    """The reconstruction rule that judged the run: the τ (δ for ratio rules) it used, and how
+    that value was set (calibrated on held-out images, or fixed)."""
+    stats = run["stats"]
+    configured = dict((run["params"].get("measure") or {}).get("memorization") or {})
+    metric = stats.get("mem_rule") or configured.get("metric") or "tiled_l2"
+    threshold = stats.get("mem_tau")
+    cal = stats.get("mem_calibration")
+    if threshold is None:  # a run recorded before τ was kept in its stats
+        threshold = configured.get("threshold", DEFAULT_THRESHOLDS.get(metric))
+        how = "configured (not recorded by this run)"
+    elif cal:
+        how = (f"calibrated: at most {100 * cal['fpr']:g}% of {cal['n_images']} held-out "
+               f"reference images count as reconstructed (observed "
+               f"{100 * cal['observed_fpr']:.1f}%)")  # fmt: skip
+    else:
+        how = "fixed"
+    relative = metric.startswith("relative")
+    cosine = metric == "clip_cosine"
+    return {
+        "metric": metric, "threshold": threshold, "how": how,
+        "symbol": "δ" if relative else "τ", "op": ">" if cosine else "<",
+        "value": ("distance ratio" if relative else "similarity" if cosine
+                  else "closest-generation distance"),
+        "heldout_fpr": {k: v for k, v in (stats.get("heldout_fpr") or {}).items()
+                        if v is not None},
+    }  # fmt: skip
+
+
+def _reconstructed(value: float | None, rule: dict[str, Any]) -> bool | None:
+    """Whether a secret's closest generation counts as a reconstruction under ``rule``."""
+    if value is None or rule["threshold"] is None:
+        return None
+    if rule["op"] == ">":
+        return value > rule["threshold"]
+    return value < rule["threshold"]
+
+
+def _dependence_chart(summary: dict[str, Any], alpha: float):
+    """The independence test's p-values against α (None when no test ran)."""
+    p, p_holm = summary.get("p_value"), summary.get("p_value_holm")
+    if p is None and p_holm is None:
+        return None
+    return plots.hbars(
+        ["p-value", "Holm-adjusted p"],
+        [plots.Series("p", [p, p_holm], plots.KEPT)],
+        ref=alpha, ref_label="α =", width=420,
+        highlight=[False, bool(summary.get("dependence_violation"))],
+        title=f"dependence test ({summary.get('test', '?')})",
+    )  # fmt: skip
+
+
+def _audit_reasons(audit: dict[str, Any], ratio: float, alpha: float, min_v: float) -> list[str]:
+    """Why an attribute's audit failed, in words (empty when it passed)."""
+    s, out = audit["summary"], []
+    if s.get("ratio_violation"):
+        out.append(
+            f"four-fifths rule: retention ratio {plots.fmt(s.get('retention_ratio'))} < {ratio:g} "
+            f"({s.get('lowest_group')} vs {s.get('highest_group')})"
+        )
+    if s.get("dependence_violation"):
+        out.append(
+            f"dependence test: removal depends on {audit['attribute']} (Holm-adjusted p = "
+            f"{plots.fmt(s.get('p_value_holm'))} < α = {alpha:g}, Cramér's V = "
+            f"{plots.fmt(s.get('cramers_v'))} ≥ {min_v:g}), although every group may pass "
+            "the four-fifths line"
+        )
+    if not audit["passed"] and not out:
+        out.append("see the notes")
+    return out
 
 
 def _open_candidate(data: DashboardData, tag: str) -> dict[str, Any]:

@@ -215,6 +215,31 @@ class DashboardData:
         return dict(zip(t.column("sample_id").to_pylist(), t.column("score").to_pylist(),
                         strict=True))  # fmt: skip
 
+    def distinct_scores(self, run: dict[str, Any]) -> tuple[list[float], list[bool]]:
+        """One score per distinct image (exact-duplicate group: its riskiest copy, as the flag
+        step ranks them) and whether the run flagged it."""
+        stats = run["stats"]
+        scores = self.scores(stats.get("score_run", "")) if stats.get("score_run") else {}
+        tag = stats.get("release_tag")
+        removed = set(self.manifest_ids(tag)["removed"]) if tag else set()
+        index = self.index(run["dataset"])
+        best: dict[Any, tuple[float, bool]] = {}
+        for sid, score in scores.items():
+            group = int(index.group[index.pos[sid]]) if sid in index.pos else sid
+            top, flagged = best.get(group, (-math.inf, False))
+            best[group] = (max(top, score), flagged or sid in removed)
+        return [b[0] for b in best.values()], [b[1] for b in best.values()]
+
+    def scorer_of(self, score_run: str) -> str:
+        """The scorer (signal) a score run actually used, as its ledger row records it."""
+        try:
+            run = self.run(score_run)
+        except NotFound:
+            return "risk"
+        params, stats = run["params"], run["stats"]
+        scorer = params.get("scorer") if isinstance(params.get("scorer"), dict) else {}
+        return str(stats.get("signal") or scorer.get("signal") or params.get("signal") or "risk")
+
     def per_layer(self, score_run: str, flagged: set[str]) -> dict[str, Any] | None:
         """Mean per-layer score parts over all samples and over flagged ones, with names."""
         with self.lock:

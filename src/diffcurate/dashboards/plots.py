@@ -20,6 +20,28 @@ AFTER = "#2f6fb0"
 LINE = "#333"
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as a human-readable duration: ``45 s``, ``3 min 20 s``, ``2 h 05 min``."""
+    try:
+        s = float(seconds)  # type: ignore[arg-type]
+    except Exception:  # None, jinja2 Undefined, text
+        return "–"
+    if math.isnan(s) or s < 0:
+        return "–"
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m:02d} min"
+    d, h = divmod(h, 24)
+    return f"{d} d {h:02d} h"
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     """A compact number: 4 significant digits, scientific for tiny/huge magnitudes."""
     try:
@@ -47,9 +69,10 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def histogram(
     values: Sequence[float], flagged: Sequence[bool], threshold: float | None = None,
-    bins: int = 40, title: str = "score",
+    bins: int = 40, title: str = "score", threshold_label: str = "flag threshold",
+    unit: str = "samples",
 ) -> Markup:  # fmt: skip
-    """Stacked histogram of scores: kept samples below, flagged ones on top (red)."""
+    """Stacked histogram of scores: kept below, flagged on top (red), counted in ``unit``."""
     v = np.asarray(values, dtype=np.float64)
     f = np.asarray(flagged, dtype=bool)
     ok = np.isfinite(v)
@@ -99,12 +122,13 @@ def histogram(
                      f'y2="{y(0):.1f}" stroke="{FLAGGED}" stroke-dasharray="4 3"/>'
                      f'<text x="{x(threshold) + (4 if left else -4):.1f}" y="{mt - 10}" '
                      f'text-anchor="{"start" if left else "end"}" '
-                     f'font-size="11" fill="{FLAGGED}">flag threshold '
+                     f'font-size="11" fill="{FLAGGED}">{escape(threshold_label)} '
                      f'{escape(fmt(threshold, 2))}</text>')  # fmt: skip
     parts.append(f'<text x="{ml + pw / 2}" y="{h - 6}" text-anchor="middle" font-size="12">'
                  f'{escape(title)} (higher = riskier)</text>')  # fmt: skip
-    parts.append(_legend([(KEPT, f"kept ({int((~f).sum())})"),
-                          (FLAGGED, f"flagged ({int(f.sum())})")], w - mr - 200, 14))  # fmt: skip
+    parts.append(_legend([(KEPT, f"kept {unit} ({int((~f).sum())})"),
+                          (FLAGGED, f"flagged ({int(f.sum())})")],
+                         w - mr - 200 - 7 * len(unit), 14))  # fmt: skip
     parts.append("</svg>")
     return Markup("".join(parts))
 
