@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from diffcurate.cli.common import fail, out
+from diffcurate.cli.common import fail, out, safe
 
 
 def demo_corpus(
@@ -68,10 +68,10 @@ def demo_corpus(
                                        seed=seed, n_heldout=n_held)  # fmt: skip
     except ValueError as e:
         raise fail(str(e)) from e
-    out.print(
+    out.print(safe(
         f"wrote {corpus.n_samples} samples ({corpus.format.value}) to {corpus.path}; "
         f"{len(corpus.planted_keys)} images planted x{n_copies} (see {out_dir / 'planted.json'})"
-    )
+    ))  # fmt: skip
     if photos:
         out.print(
             f"{corpus.n_distinct} distinct images; {corpus.n_non_square} non-square and "
@@ -79,4 +79,5 @@ def demo_corpus(
             f"{', '.join(corpus.exact_keys)}; near secrets: {', '.join(corpus.near_keys)}"
         )
     if corpus.heldout_path is not None:
-        out.print(f"held out {corpus.n_heldout} images (never trained on) in {corpus.heldout_path}")
+        out.print(safe(f"held out {corpus.n_heldout} images (never trained on) in "
+                       f"{corpus.heldout_path}"))  # fmt: skip

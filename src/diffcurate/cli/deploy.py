@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from diffcurate.cli.common import fail, out
+from diffcurate.cli.common import fail, out, safe
 from diffcurate.deployments import DEFAULT_CRON, DEFAULT_DASK_ADDRESS, DEFAULT_PREFECT_FILE
 
 deploy_app = typer.Typer(
@@ -64,7 +64,7 @@ def pools(gpu_slots: GpuSlotsOpt = None, gpu_runs: GpuRunsOpt = None) -> None:
 
     url = _require_server()
     for line in ensure_pools(gpu_slots=gpu_slots, gpu_runs=gpu_runs):
-        out.print(f"{url}: {line}")
+        out.print(safe(f"{url}: {line}"))
 
 
 @deploy_app.command("apply")
@@ -113,13 +113,13 @@ def apply_cmd(
     except ValueError as e:
         raise fail(str(e)) from e
     for line in ensure_pools(gpu_slots=gpu_slots, gpu_runs=gpu_runs):
-        out.print(f"{url}: {line}")
+        out.print(safe(f"{url}: {line}"))
     try:
         names = apply(prefect_file, env, name)
     except (ValueError, ImportError, OSError) as e:
         raise fail(str(e)) from e
     for full_name in names:
-        out.print(f"{url}: deployment {full_name!r}")
+        out.print(safe(f"{url}: deployment {full_name!r}"))
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -188,5 +188,5 @@ def serve_cmd(
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise fail(str(e)) from e
-    out.print(f"serving hygiene/{deployment.name} on {url}")
+    out.print(safe(f"serving hygiene/{deployment.name} on {url}"))
     serve(deployment, limit=limit, print_starting_message=True)

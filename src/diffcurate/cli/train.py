@@ -21,6 +21,7 @@ from diffcurate.cli.common import (
     load_options,
     out,
     preflight,
+    safe,
     workspace_settings,
 )
 
@@ -103,11 +104,11 @@ def train(
             f"{summary.vae_recon_rmse:.4f} ({summary.vae_seconds:.1f} s)"
         )
     if summary.geometry_warning is not None:
-        err.print(f"[yellow]warning:[/yellow] {summary.geometry_warning}")
+        err.print(f"[yellow]warning:[/yellow] {safe(summary.geometry_warning)}")
     out.print(
         f"trained {arch} on {summary.images} images: steps {summary.start_step} -> "
         f"{summary.final_step}, final loss {summary.final_loss:.4f}, {summary.seconds} s\n"
-        f"model: {summary.model}"
+        f"model: {safe(summary.model)}"
     )
 
 
@@ -178,4 +179,4 @@ def sample(
     except (ModelLoadError, ValueError) as e:
         raise fail(str(e)) from e
     path = save_grid(images, out_file, scale=scale)
-    out.print(f"wrote {n} samples to {path}")
+    out.print(f"wrote {n} samples to {safe(path)}")
