@@ -14,10 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from diffcurate.cli import app
+from diffcurate.config import load_settings
 from diffcurate.storage import ledger as ledger_mod
+from diffcurate.storage import releases as rel
+from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.users import UserStore
 from storage.test_ledger_errors import hold_write_lock
+from storage.test_releases import sample_rows
 
 runner = CliRunner()
 NOBODY = 65534
@@ -52,10 +56,13 @@ def test_runs_succeeds_after_a_short_write_lock(tmp_path):
     assert '"kind": "ingest"' in res.output
 
 
-@pytest.mark.parametrize(
-    "args", [["runs"], ["users", "list"], ["release", "list"], ["users", "add", "bob", "--role",
-                                                                "viewer"]]
-)  # fmt: skip
+LOCKED_COMMANDS = [
+    ["runs"], ["users", "list"], ["release", "list"], ["users", "add", "bob", "--role", "viewer"],
+    ["release", "approve", "digits-candidate-1", "--actor", "ana", "--comment", "ok"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", LOCKED_COMMANDS)
 def test_a_ledger_locked_past_the_budget_is_one_line(tmp_path, monkeypatch, args):
     ws = small_workspace(tmp_path / "ws")
     monkeypatch.setattr(ledger_mod, "LOCK_WAIT_S", 0.3)
@@ -66,6 +73,30 @@ def test_a_ledger_locked_past_the_budget_is_one_line(tmp_path, monkeypatch, args
         holder.kill()
         holder.wait(10)
     assert "is locked by another process" in one_error_line(res)
+
+
+@pytest.fixture
+def candidate_ws(workspace, digit_files) -> Path:
+    """A workspace with 12 digit samples and the pending candidate digits-candidate-1."""
+    settings = load_settings(workspace)
+    store = LanceStore(settings.layout.lancedb_uri)
+    store.insert_new("samples", sample_rows(digit_files[:12], "digits"))
+    ids = sorted(store.read("samples", columns=["sample_id"])["sample_id"].to_pylist())
+    rel.create_candidate(store, Ledger(settings.layout.ledger_path), "digits", ids[2:], ids[:2],
+                         {"gate_passed": True})  # fmt: skip
+    return workspace
+
+
+def test_release_approve_waits_out_a_short_lock(candidate_ws):
+    workspace, ledger = candidate_ws, Ledger(candidate_ws / "ledger.duckdb")
+    holder = hold_write_lock(ledger.path, 1.0)
+    try:
+        res = runner.invoke(app, ["release", "approve", "digits-candidate-1", "--actor", "ana",
+                                  "--comment", "ok", "-w", str(workspace)])  # fmt: skip
+    finally:
+        holder.wait(10)
+    assert res.exit_code == 0, res.output
+    assert [r["tag"] for r in ledger.releases() if r["kind"] == "release"] == ["digits-release-1"]
 
 
 @pytest.mark.parametrize("args", [["runs"], ["users", "list"], ["release", "list"],
