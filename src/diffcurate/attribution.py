@@ -1,15 +1,17 @@
 """Attribute a query image to the training samples that shaped it (``diffcurate attribute``).
 
-Three scorers:
+Two kinds of scorer answer (:func:`attribution_scorers`):
 
-* ``dmin`` (seed 002): the query's gradient sketch against the sketches a ``diffcurate score
-  --scorer dmin`` run stored in LanceDB; top-k through the ANN index (milliseconds), or a flat
-  scan of every stored sketch with ``exact`` (exact sketch inner products). The run must have
-  been made with the same model files (checked by the run fingerprint).
-* ``ekfac`` (seeds 001/003) and ``trak``/``d-trak``: exact pairwise influence of every sample
-  of the dataset, streamed shard by shard, with the run's fit set (EK-FAC curvature, TRAK
-  kernel): the same dataset-level state as ``diffcurate score`` with those settings, cached
-  EK-FAC factors included.
+* sketch scorers (``dmin``, seed 002): the query's gradient sketch against the sketches a
+  ``diffcurate score --scorer dmin`` run stored in LanceDB; top-k through the ANN index
+  (milliseconds), or a flat scan of every stored sketch with ``exact`` (exact sketch inner
+  products). The run must have been made with the same model files (checked by the run
+  fingerprint).
+* scorers with an ``attribute`` hook (``ekfac``, seeds 001/003; ``trak``/``d-trak``; ``bif``,
+  seed 004: Cov = −BIF between query and training losses over the posterior draws): exact pairwise
+  influence of every sample of the dataset, streamed shard by shard, against the run's
+  dataset-level state (EK-FAC curvature, TRAK kernel, SGLD chains): the same state as
+  ``diffcurate score`` with those settings, cached EK-FAC factors and BIF chains included.
 
 The query's (t, ε) draws are keyed by the sha256 of the image file (:func:`query_key`), so the
 same file always gets the same draws; DMin's default ``shared`` noise gives every image the same
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcurate.influence.registry import FIT_SET, RunState, ScorerSpec, sketch_function
+from diffcurate.influence.registry import RunState, ScorerSpec, get_scorer, scorers, sketch_function
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.images import Geometry, decode_sample, prepare_image
 from diffcurate.models.inputs import ModelInputs, encode_pixels
@@ -39,7 +41,10 @@ from diffcurate.storage.ledger import Ledger
 from diffcurate.storage.sketches import SketchStore
 from diffcurate.workspace import Workspace
 
-ATTRIBUTION_SCORERS = ("dmin", "ekfac", "trak", "d-trak")
+
+def attribution_scorers() -> tuple[str, ...]:
+    """Registered scorers that answer queries: sketch scorers and those with ``attributes``."""
+    return tuple(s.name for s in scorers() if s.output == "sketches" or s.attributes)
 
 
 class AttributionError(ValueError):
@@ -148,7 +153,7 @@ def find_run(
     return None
 
 
-def _dmin(
+def _from_sketches(
     store_uri: str, run: dict, spec: ScorerSpec, model: DiffusionModel, query, k: int, exact: bool
 ) -> tuple[list[str], np.ndarray, int]:
     from diffcurate.tasks.score import scoring_objective
@@ -172,9 +177,7 @@ def _exact_over_dataset(
     cache_dir: Path,
     shard_size: int,
 ) -> tuple[list[str], np.ndarray, int]:
-    """EK-FAC or TRAK influence of every dataset sample on the query, shard by shard."""
-    from diffcurate.influence.ekfac import ekfac_attribution
-    from diffcurate.influence.trak import trak_features, trak_scores
+    """The scorer's exact influence of every dataset sample on the query, shard by shard."""
     from diffcurate.tasks.score import load_images, prepare_scorer, scoring_objective
 
     images, key, cond = query
@@ -184,25 +187,15 @@ def _exact_over_dataset(
     if not ids:
         raise AttributionError(f"dataset {dataset!r} has no samples")
     state: RunState = prepare_scorer.fn(store, dataset, ids, model, spec, cache_dir)
-    assert state.fit is not None
     objective = scoring_objective(spec, model)
-    q_feats = None
-    if spec.signal != "ekfac":
-        q_feats = trak_features(objective, model.unet, images, [key], spec.trak_config, cond)
+    attribute = spec.scorer.attribute(spec, state, objective, model.unet, images, [key], cond)
+    if attribute is None:
+        raise AttributionError(f"{spec.signal} does not attribute over a dataset")
     scores = np.empty(len(ids))
     for start in range(0, len(ids), shard_size):
         shard = ids[start : start + shard_size]
         x, c, _ = load_images(store, dataset, shard, model)
-        if spec.signal == "ekfac":
-            part = ekfac_attribution(
-                objective, model.unet, x, shard, images, [key], spec.ekfac_config,
-                cache_dir / "ekfac", c, cond,
-                fit_images=state.fit.images, fit_keys=state.fit.keys, fit_cond=state.fit.cond,
-            )  # fmt: skip
-        else:
-            feats = trak_features(objective, model.unet, x, shard, spec.trak_config, c)
-            part = trak_scores(q_feats, feats, state.trak_kernel, spec.trak.damping)
-        scores[start : start + len(shard)] = part[0]
+        scores[start : start + len(shard)] = attribute(x, shard, c)[0]
     order = sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]
     return [ids[j] for j in order], scores[order], len(ids)
 
@@ -219,12 +212,19 @@ def attribute_image(
     caption: str | None = None,
     shard_size: int = 256,
     load: LoadOptions | None = None,
+    options: dict | None = None,
 ) -> Attribution:
-    """The ``top_k`` training samples with the largest influence on ``image`` (module doc)."""
+    """The ``top_k`` training samples with the largest influence on ``image`` (module doc).
+
+    ``options``: :class:`ScorerSpec` settings (common fields and the scorer's own options) for
+    an attribution without a score run; with a run, its stored spec decides.
+    """
     from diffcurate.tasks.score import load_model
 
-    if scorer not in ATTRIBUTION_SCORERS:
-        raise AttributionError(f"unknown scorer {scorer!r}; use one of {ATTRIBUTION_SCORERS}")
+    if scorer not in attribution_scorers():
+        raise AttributionError(
+            f"unknown scorer {scorer!r}; use one of {', '.join(attribution_scorers())}"
+        )
     if top_k < 1:
         raise AttributionError("--top-k must be >= 1")
     if not model_path.exists():
@@ -239,15 +239,15 @@ def attribute_image(
     geometry = "center-crop" if run is None else run["params"].get("geometry", "center-crop")
     query = load_query(image, model, caption, geometry)
     started = time.perf_counter()
-    if scorer == "dmin":
+    if get_scorer(scorer).output == "sketches":
         if run is None:
             raise AttributionError(
-                f"no completed dmin run for model {model_path}"
+                f"no completed {scorer} run for model {model_path}"
                 + ("" if dataset is None else f" on {dataset!r}")
-                + ": run `diffcurate score --scorer dmin` first (it stores the sketches)"
+                + f": run `diffcurate score --scorer {scorer}` first (it stores the sketches)"
             )
         spec = ScorerSpec.model_validate(run["params"]["scorer"])
-        ids, scores, searched = _dmin(store.uri, run, spec, model, query, top_k, exact)
+        ids, scores, searched = _from_sketches(store.uri, run, spec, model, query, top_k, exact)
         mode = "exact scan of the stored sketches" if exact else "ANN index"
         dataset = run["dataset"]
     else:
@@ -260,8 +260,7 @@ def attribute_image(
                 f"completed {scorer} score run)"
             )
         else:
-            spec = ScorerSpec(signal=scorer)  # type: ignore[arg-type]
-        assert spec.signal in FIT_SET
+            spec = ScorerSpec.from_settings(scorer, options or {})
         ids, scores, searched = _exact_over_dataset(
             store, dataset, spec, model, query, top_k, layout.cache_dir, shard_size
         )

@@ -204,5 +204,7 @@ def test_auto_stores_small_models_and_replays_beyond_the_limit(tmp_path, monkeyp
     obj = spec.objective(scheduler())
     fit = FitSet(images(4, (1, 8, 8), seed=1), tuple(f"f{i}" for i in range(4)), 4)
     assert isinstance(prepare_state(spec, obj, model, fit, tmp_path).posterior, PosteriorDraws)
-    monkeypatch.setattr(registry, "STORED_STATES_LIMIT", 2 * 2 * 8 * 1000)  # < C·T·d·8
+    import diffcurate.influence.scorers.bif as bif_scorer
+
+    monkeypatch.setattr(bif_scorer, "STORED_STATES_LIMIT", 2 * 2 * 8 * 1000)  # < C·T·d·8
     assert isinstance(prepare_state(spec, obj, model, fit, tmp_path).posterior, ReplayedDraws)

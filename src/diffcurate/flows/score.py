@@ -3,16 +3,15 @@
 Steps:
     1. Fingerprint the run (dataset, model files, scorer spec). If an interrupted or failed run
        has the same fingerprint, resume it; otherwise record a new run in the ledger.
-    2. Load the diffusion model from its local directory (not for the model-free ``random`` and
-       ``clip-knn``).
+    2. Load the diffusion model from its local directory (unless the scorer is model-free).
     3. List the dataset's sample ids (sorted: shards are stable across runs), group them into
-       units of work (single samples; whole minibatches for ``global-hessian``) and drop the
-       units the run has already scored.
-    4. Compute the run's dataset-level state once: the fit set and EK-FAC factors / TRAK kernel
-       / BIF chains, or the CLIP embeddings of the dataset (see ``prepare_scorer``).
+       the scorer's units of work (single samples; whole minibatches for ``global-hessian``)
+       and drop the units the run has already scored.
+    4. Compute the run's dataset-level state once, as the scorer needs: the fit set and EK-FAC
+       factors / TRAK kernel / BIF chains, or the CLIP embeddings (see ``prepare_scorer``).
     5. For each shard: load and convert its images, compute the signal, write ``scores`` rows
-       (merge on ``run_id/sample_id``: a retried or resumed shard adds nothing twice). ``dmin``
-       writes gradient sketches to the ``sketches`` table instead, and builds its ANN index
+       (merge on ``run_id/sample_id``: a retried or resumed shard adds nothing twice). Sketch
+       scorers (``dmin``) write to the ``sketches`` table instead, and build their ANN index
        after the last shard. With ``runner="dask"`` the shards are task runs on a Dask cluster
        (``prefect-dask``), each writing its own rows; the dataset-level state is saved once
        under ``WORKSPACE/cache/runs/<run_id>/`` for the workers, and the flow re-submits
@@ -276,7 +275,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                 .to_pylist()
             )
         else:
-            width = len(summary.timesteps) * spec.dmin.sketch_dim
+            width = len(summary.timesteps) * spec.scorer.sketch_dim(spec)
             sketches = sketch_table_for(uri, width)
             summary.sketch_table = sketches.name
             done = sketches.stored_ids(run_id)
@@ -308,7 +307,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                         sketches, run_id, params.dataset, quote(shard), quote(values),
                         summary.timesteps,
                     )  # fmt: skip
-                    summary.method = f"dmin/sketch{spec.dmin.sketch_dim}/{spec.dmin.noise}-noise"
+                    summary.method = spec.scorer.sketch_method(spec)
                 else:
                     result = score_shard(store, params.dataset, quote(shard), quote(model), spec,
                                          quote(state), params.geometry)  # fmt: skip
@@ -320,9 +319,10 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
                 bar.update(task, advance=len(shard))
         # 6. Close.
         if sketches is not None:
-            if spec.dmin.index != "none":
-                sketches.create_index(kind=spec.dmin.index)
-                summary.sketch_index = spec.dmin.index
+            index = spec.scorer.sketch_index(spec)
+            if index != "none":
+                sketches.create_index(kind=index)
+                summary.sketch_index = index
         else:
             scores = store.read("scores", columns=["score"], where={"run_id": run_id})
             values = scores.column("score").to_numpy()

@@ -18,8 +18,6 @@ from prefect.cache_policies import NO_CACHE
 
 from diffcurate.influence.objective import DiffusionObjective, ScoreResult
 from diffcurate.influence.registry import (
-    CONDITIONAL_ONLY,
-    FIT_SET,
     EmbeddingState,
     FitSet,
     RunState,
@@ -59,7 +57,7 @@ def load_model(
             "embeds each sample's caption with the pipeline's own text encoder, so the model "
             "directory must include them (as a saved diffusers text-to-image pipeline does)"
         )
-    if spec is not None and spec.signal in CONDITIONAL_ONLY and not model.conditional:
+    if spec is not None and spec.scorer.needs.conditional and not model.conditional:
         raise ValueError(
             f"the {spec.signal} signal needs a text-conditional model; {path} holds an "
             "unconditional UNet"
@@ -152,19 +150,20 @@ def prepare_scorer(
     geometry: Geometry = "center-crop",
 ) -> RunState:
     """The run's dataset-level state, computed once before the shards (see
-    :func:`~diffcurate.influence.registry.prepare_state`): the fit set for ``ekfac``/``bif``/
-    ``trak``/``d-trak`` (a seeded sample of ``spec.fit_size`` of ``sample_ids``), the EK-FAC /
-    BIF caches under ``cache_dir``, the embeddings for ``clip-knn``."""
+    :func:`~diffcurate.influence.registry.prepare_state`): what the scorer ``needs``, loaded
+    here: the fit set (a seeded sample of ``spec.fit_size`` of ``sample_ids``) with caches
+    under ``cache_dir``, or the dataset's CLIP embeddings (and its secrets')."""
+    needs = spec.scorer.needs
     fit = embeddings = None
     objective = None
-    if spec.signal in FIT_SET:
+    if needs.fit_set:
         assert model is not None
         fit_ids = fit_sample(sample_ids, spec.fit_size, spec.seed)
         images, cond, _ = load_images(store, dataset, fit_ids, model, geometry)
         fit = FitSet(images=images, keys=tuple(fit_ids), n_dataset=len(sample_ids), cond=cond)
         objective = scoring_objective(spec, model)
-    if spec.signal == "clip-knn":
-        embeddings = load_embeddings(store, dataset, spec.clip_knn.secrets)
+    if needs.embeddings:
+        embeddings = load_embeddings(store, dataset, spec.scorer.secrets(spec))
     return prepare_state(
         spec, objective, None if model is None else model.unet, fit, cache_dir, embeddings
     )
@@ -184,7 +183,7 @@ def score_shard(
 
     For a text-conditional model the captions are embedded with its text encoder (and the
     empty caption for signals that compare against the unconditional prediction). Model-free
-    scorers (``random``, ``clip-knn``) read no images.
+    scorers (``needs.model`` False) read no images.
     """
     if not spec.uses_model:
         return score_keys(spec, list(sample_ids), state)
@@ -205,7 +204,7 @@ def sketch_shard(
     spec: ScorerSpec,
     geometry: Geometry = "center-crop",
 ) -> np.ndarray:
-    """``dmin``: ``[n, T, v]`` gradient sketches of one shard (in ``sample_ids`` order)."""
+    """Sketch scorers (``dmin``): ``[n, T, v]`` sketches of one shard (``sample_ids`` order)."""
     images, cond, _ = load_images(store, dataset, sample_ids, model, geometry)
     objective = scoring_objective(spec, model)
     return sketch_function(spec)(objective, model.unet, images, list(sample_ids), cond)
