@@ -133,7 +133,8 @@ def as_reader(code: list[str], cwd: Path) -> subprocess.CompletedProcess:
             pytest.skip("running as root without setpriv: cannot drop write access")
         prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": str(Path(__file__).parent)}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                          os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     env.pop("DIFFCURATE_WORKSPACE", None)
     return subprocess.run([*prefix, sys.executable, *code], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
