@@ -28,6 +28,7 @@ from diffcurate.cli.common import (
     secret_list,
     workspace_settings,
 )
+from diffcurate.cli.scorer_options import OptionOpt, parse_options
 
 # Options that `run` and `eval` share.
 ThresholdOpt = Annotated[
@@ -64,6 +65,7 @@ def run_hygiene(
     scorer: Annotated[
         str, typer.Option("--scorer", "-s", help="Risk signal (see `diffcurate score`).")
     ] = "divergence",
+    option: OptionOpt = None,
     score_run: Annotated[
         str | None, typer.Option(help="Reuse this completed score run instead of scoring.")
     ] = None,
@@ -172,7 +174,10 @@ def run_hygiene(
         params = HygieneParams(
             dataset=dataset, model=model, load=load, geometry=geometry,
             workspace=settings.workspace,
-            scorer=ScorerSpec(signal=scorer, seed=seed, device=device), score_run=score_run,
+            scorer=ScorerSpec.from_settings(
+                scorer, {"seed": seed, "device": device} | parse_options(option, [scorer])[scorer]
+            ),
+            score_run=score_run,
             flag=flag, group_by=group_by, fairness_attribute=fairness_attribute,
             audit_attributes=audit_attribute or None,
             mitigation=MitigationConfig(method=mitigation, epochs=epochs, lr=lr,
@@ -209,6 +214,7 @@ def evaluate(
     scorers: Annotated[
         str, typer.Option(help="Comma-separated risk scorers to compare (see `score`).")
     ] = "divergence,loss,trace,random",
+    option: OptionOpt = None,
     fraction: Annotated[
         float, typer.Option(help="Budget: the top fraction of distinct images, for every scorer.")
     ] = 0.01,
@@ -265,6 +271,7 @@ def evaluate(
             generations, seed, device, mem_tau, mem_calibrate_fpr, mem_rule, guidance_scale,
             generations_per_secret, inference_steps,
         )  # fmt: skip
+        names = list(dict.fromkeys(s.strip() for s in scorers.split(",") if s.strip()))
         flag = (
             FlagPolicy(mode="threshold", threshold=threshold)
             if threshold is not None
@@ -274,8 +281,8 @@ def evaluate(
             dataset=dataset, model=model, load=load, geometry=geometry,
             workspace=settings.workspace,
             secrets=secret_list(secrets),
-            scorers=[ScorerSpec(signal=s.strip(), seed=seed, device=device)
-                     for s in scorers.split(",") if s.strip()],
+            scorers=[ScorerSpec.from_settings(s, {"seed": seed, "device": device} | opts)
+                     for s, opts in parse_options(option, names).items()],
             flag=flag, group_by=group_by,
             mitigations=[MitigationConfig(method=m.strip(), epochs=epochs, lr=lr,
                                           retrain_steps=retrain_steps, seed=seed, device=device)

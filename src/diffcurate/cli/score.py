@@ -25,12 +25,14 @@ from diffcurate.cli.common import (
     secret_list,
     workspace_settings,
 )
+from diffcurate.cli.scorer_options import OptionOpt, flag_settings, parse_options
 from diffcurate.config import Settings
 
 SCORER_HELP = (
     "loss | divergence | trace | cond-gap | ekfac | bif | trak | d-trak | global-hessian | "
-    "random | clip-knn | dmin (sketches for `diffcurate attribute`)."
+    "random | clip-knn | dmin (sketches for `diffcurate attribute`), or a registered scorer."
 )
+ATTRIBUTE_HELP = "dmin | ekfac | bif | trak | d-trak, or a registered scorer that attributes."
 
 
 def score(
@@ -81,6 +83,13 @@ def score(
     sgld_nbeta: Annotated[float, typer.Option(help="bif: effective sample size nβ.")] = 200.0,
     sgld_localization: Annotated[float, typer.Option(help="bif: localisation γ.")] = 1e4,
     sgld_batch: Annotated[int, typer.Option(help="bif: SGLD minibatch size.")] = 1024,
+    bif_states: Annotated[
+        str,
+        typer.Option(
+            help="bif: posterior states for the shards: stored (C·T·d numbers on disk) | "
+            "replay (each shard replays the keyed chains) | auto (stored up to 4 GiB)."
+        ),
+    ] = "auto",
     hessian_batch: Annotated[int, typer.Option(help="global-hessian: minibatch size.")] = 64,
     knn_mode: Annotated[
         str, typer.Option(help="clip-knn: duplicates | secret-max | secret-knn.")
@@ -119,6 +128,7 @@ def score(
         int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
     ] = 2,
     top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 10,
+    option: OptionOpt = None,
     variant: VariantOpt = None,
     lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = 1.0,
@@ -142,37 +152,27 @@ def score(
     directory's own `text_encoder/` and `tokenizer/`.
     Re-running after a crash resumes the interrupted run without duplicating rows.
     """
-    from diffcurate.influence.registry import (
-        BIFOptions,
-        ClipKNNOptions,
-        DMinOptions,
-        EKFACOptions,
-        GlobalHessianOptions,
-        ScorerSpec,
-        TRAKOptions,
-    )
-
     settings = workspace_settings(workspace)
     try:
-        steps = None if timesteps is None else tuple(int(t) for t in timesteps.split(","))
-        gh = GlobalHessianOptions(batch_size=hessian_batch)
-        if probes is not None:
-            gh = gh.model_copy(update={"probes": probes})
-        spec = ScorerSpec(
-            signal=scorer, timesteps=steps, draws_per_timestep=draws, probes=probes or 2,
-            seed=seed, device=device, dtype=dtype, generations=generations,
-            inference_steps=inference_steps, measure_steps=measure_steps,
-            guidance_scale=guidance_scale, fit_size=fit_size,
-            ekfac=EKFACOptions(fisher=fisher, **({} if damping is None else {"damping": damping})),
-            bif=BIFOptions(chains=sgld_chains, draws=sgld_draws, step_size=sgld_step_size,
-                           nbeta=sgld_nbeta, localization=sgld_localization,
-                           batch_size=sgld_batch),
-            trak=TRAKOptions(proj_dim=proj_dim, damping=damping),
-            global_hessian=gh,
-            clip_knn=ClipKNNOptions(mode=knn_mode, tau=knn_tau, k=knn_k,
-                                    secrets=tuple(secret_list(secrets))),
-            dmin=DMinOptions(sketch_dim=sketch_dim, n_timesteps=sketch_timesteps),
-        )  # fmt: skip
+        flags = {
+            "draws": draws, "probes": probes, "seed": seed, "generations": generations,
+            "inference_steps": inference_steps, "measure_steps": measure_steps,
+            "guidance_scale": guidance_scale, "fit_size": fit_size, "device": device,
+            "dtype": dtype, "damping": damping, "fisher": fisher, "proj_dim": proj_dim,
+            "sgld_chains": sgld_chains, "sgld_draws": sgld_draws,
+            "sgld_step_size": sgld_step_size, "sgld_nbeta": sgld_nbeta,
+            "sgld_localization": sgld_localization, "sgld_batch": sgld_batch,
+            "bif_states": bif_states, "hessian_batch": hessian_batch, "knn_mode": knn_mode,
+            "knn_tau": knn_tau, "knn_k": knn_k,
+            "secrets": None if secrets is None else tuple(secret_list(secrets)),
+            "sketch_dim": sketch_dim, "sketch_timesteps": sketch_timesteps,
+        }  # fmt: skip
+        chosen = flag_settings(scorer, flags)
+        if timesteps is not None:
+            chosen["timesteps"] = tuple(int(t) for t in timesteps.split(","))
+        from diffcurate.influence.registry import ScorerSpec
+
+        spec = ScorerSpec.from_settings(scorer, chosen | parse_options(option, [scorer])[scorer])
         from diffcurate.flows.score import ScoreParams, score_flow
         from diffcurate.flows.sharded import DaskOptions
 
@@ -222,9 +222,7 @@ def attribute(
     image: Annotated[Path, typer.Argument(help="Query image file (e.g. a generated image).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Local diffusers model dir.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Training samples to print.")] = 10,
-    scorer: Annotated[
-        str, typer.Option("--scorer", "-s", help="dmin | ekfac | trak | d-trak.")
-    ] = "dmin",
+    scorer: Annotated[str, typer.Option("--scorer", "-s", help=ATTRIBUTE_HELP)] = "dmin",
     run: Annotated[
         str | None,
         typer.Option(
@@ -237,11 +235,13 @@ def attribute(
         bool, typer.Option("--exact", help="dmin: flat scan of all sketches instead of the index.")
     ] = False,
     dataset: Annotated[
-        str | None, typer.Option("--dataset", "-d", help="Training set (ekfac/trak without --run).")
+        str | None,
+        typer.Option("--dataset", "-d", help="Training set (ekfac/bif/trak without --run)."),
     ] = None,
     caption: Annotated[
         str | None, typer.Option(help="Prompt of the query (text-conditional models).")
     ] = None,
+    option: OptionOpt = None,
     variant: VariantOpt = None,
     lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = 1.0,
@@ -251,8 +251,10 @@ def attribute(
     """Print the training samples with the most influence on IMAGE, with their scores.
 
     `dmin` (default) answers from the sketches of a `diffcurate score --scorer dmin` run through
-    the LanceDB vector index (`--exact`: flat scan); `ekfac` and `trak`/`d-trak` compute the
-    exact influence of every dataset sample (slower). High score = more influential.
+    the LanceDB vector index (`--exact`: flat scan); `ekfac`, `bif` (Cov = −BIF of query and
+    training losses over the posterior draws) and `trak`/`d-trak` compute the exact influence
+    of every dataset sample (slower), with a score run's settings or, without one, the
+    defaults and `--option`s. High score = more influential.
     """
     settings = workspace_settings(workspace)
     from diffcurate.attribution import AttributionError, attribute_image
@@ -263,9 +265,10 @@ def attribute(
         load = None
         if variant or lora or model_config:
             load = load_options(variant, None, lora, lora_scale, model_config)
+        options = parse_options(option, [scorer])[scorer] if option else None
         result = attribute_image(
             settings.workspace, image, model, top_k=top_k, scorer=scorer, run_id=run,
-            exact=exact, dataset=dataset, caption=caption, load=load,
+            exact=exact, dataset=dataset, caption=caption, load=load, options=options,
         )  # fmt: skip
     except (AttributionError, ImageLoadError, ModelLoadError, FileNotFoundError, KeyError) as e:
         raise fail(str(e)) from e
