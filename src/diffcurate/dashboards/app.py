@@ -350,7 +350,7 @@ def create_app(
 
     @app.get("/releases/{tag}")
     def release(request: Request, tag: Tag, session: Viewer, done: str = "") -> HTMLResponse:
-        ctx = _release_ctx(data, tag)
+        ctx = _release_ctx(data, tag, rows=True)
         if ctx["release"] is None:
             raise HTTPException(404, f"no candidate or release tagged {tag}")
         notes = {"approved": "Approved.", "rejected": "Rejected.", "marked": "Mark recorded."}
@@ -622,8 +622,10 @@ def _has_gate_image(data: DashboardData, run: dict[str, Any], phase: str, sid: s
     return True
 
 
-def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
-    """What the release panel and page need: info, manifest, decisions, marks, supersession."""
+def _release_ctx(data: DashboardData, tag: str | None, rows: bool = False) -> dict[str, Any]:
+    """What the release panel and page need: info, manifest, decisions, marks, supersession,
+    and the tag check (the tagged rows against the manifest only with ``rows``: the release
+    page reads them, the run pages check the tag's version alone)."""
     empty = {"release": None, "candidate_open": False, "failed": [], "marks": [],
              "effective": {}, "superseded_by": None, "decisions": [], "manifest": {},
              "pending_changes": 0, "tag_problem": None, "chain_problems": [],
@@ -650,7 +652,7 @@ def _release_ctx(data: DashboardData, tag: str | None) -> dict[str, Any]:
                       "removed_more": len(set(removed) - set(ids["removed"])),
                       "new_tag": rel.candidate_tag(info.dataset, new_n)}  # fmt: skip
         try:
-            rel.verify(data.store, data.ledger, tag)
+            rel.verify(data.store, data.ledger, tag, rows=rows)
             tag_problem = None
         except rel.ReleaseError as e:
             tag_problem = str(e)
