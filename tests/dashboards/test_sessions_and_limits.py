@@ -248,6 +248,7 @@ def test_a_truncated_ledger_is_a_logged_500_not_503(ws, tokens, caplog):
 def test_a_held_ledger_lock_is_503_with_retry_after(ws, tokens, monkeypatch):
     client = TestClient(create_app(ws))
     login(client, tokens["viewer"])
+    assert client.app.state.data.ledger.lock_wait < ledger_mod.LOCK_WAIT_S  # pages wait less
     monkeypatch.setattr(ledger_mod, "LOCK_WAIT_S", 0.3)
     client.app.state.data.ledger.lock_wait = 0.3
     client.app.state.data.users.ledger.lock_wait = 0.3

@@ -62,6 +62,9 @@ HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 2
 """What a 503 for a locked ledger tells clients to wait: writes hold the lock for moments."""
+PAGE_LOCK_WAIT_S = 3.0
+"""How long a request retries a held ledger lock (less than a command's: requests queue behind
+the one waiting, and the 503 tells the browser when to try again)."""
 PER_PAGE = 48
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -95,6 +98,7 @@ def create_app(
     """
     app = FastAPI(title="diffcurate review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.data = data = DashboardData(workspace)
+    data.ledger.lock_wait = data.users.ledger.lock_wait = PAGE_LOCK_WAIT_S
     trusted = frozenset(trusted_proxies)
 
     def fetch(token_hash: str):
