@@ -96,8 +96,6 @@ from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.models.train import TrainConfig, train
 
-METHODS = ("ekfac", "trak", "d-trak", "dmin", "bif", "random")
-
 
 def digits(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``n`` real digits (seeded choice) as ``[n, 1, 8, 8]`` in [-1, 1], keyed by their index."""
@@ -137,34 +135,51 @@ def spec_for(signal: str, args: argparse.Namespace) -> ScorerSpec:
     )
 
 
+def _random(spec, model, objective, train_x, train_keys, queries, query_keys, args):
+    rng = np.random.default_rng([args.seed, 7919])
+    return rng.standard_normal((len(query_keys), len(train_keys)))
+
+
+def _ekfac(spec, model, objective, train_x, train_keys, queries, query_keys, args):
+    with tempfile.TemporaryDirectory(prefix="bench-lds-ekfac-") as factors:
+        return ekfac_attribution(
+            objective, model.unet, train_x, train_keys, queries, query_keys, spec.config, factors
+        )
+
+
+def _trak(spec, model, objective, train_x, train_keys, queries, query_keys, args):
+    return trak_attribution(
+        objective, model.unet, train_x, train_keys, queries, query_keys, spec.config
+    )
+
+
+def _dmin(spec, model, objective, train_x, train_keys, queries, query_keys, args):
+    dmin_objective = spec.objective(model.scheduler)  # its own fixed timesteps
+    return dmin.attribute(
+        dmin_objective, model.unet, train_x, train_keys, queries, query_keys, spec.config
+    ).numpy()
+
+
+def _bif(spec, model, objective, train_x, train_keys, queries, query_keys, args):
+    return bif_attribution(
+        objective, model.unet, train_x, train_keys, queries, query_keys, spec.config
+    ).scores
+
+
+ATTRIBUTE = {"ekfac": _ekfac, "trak": _trak, "d-trak": _trak, "dmin": _dmin, "bif": _bif,
+             "random": _random}  # fmt: skip
+"""How each method attributes here: the library function of its algorithm on the whole
+training set (the scorers' ``attribute`` hooks work against a run's fit set instead), and the
+random floor, which is no scorer."""
+METHODS = tuple(ATTRIBUTE)
+
+
 def attribute(method: str, model: DiffusionModel, objective: DiffusionObjective, train_x,
               train_keys, queries, query_keys, args: argparse.Namespace) -> np.ndarray:  # fmt: skip
     """``[n_query, n_train]`` scores of ``method`` (HIGH = the training sample helps)."""
-    if method == "random":
-        rng = np.random.default_rng([args.seed, 7919])
-        return rng.standard_normal((len(query_keys), len(train_keys)))
     spec = spec_for(method, args)
-    unet = model.unet
-    if method == "ekfac":
-        with tempfile.TemporaryDirectory(prefix="bench-lds-ekfac-") as factors:
-            return ekfac_attribution(
-                objective, unet, train_x, train_keys, queries, query_keys, spec.ekfac_config,
-                factors,
-            )  # fmt: skip
-    if method in ("trak", "d-trak"):
-        return trak_attribution(
-            objective, unet, train_x, train_keys, queries, query_keys, spec.trak_config
-        )
-    if method == "dmin":
-        dmin_objective = spec.objective(model.scheduler)  # its own fixed timesteps
-        return dmin.attribute(
-            dmin_objective, unet, train_x, train_keys, queries, query_keys, spec.dmin_config
-        ).numpy()
-    if method == "bif":
-        return bif_attribution(
-            objective, unet, train_x, train_keys, queries, query_keys, spec.bif_config
-        ).scores
-    raise ValueError(method)
+    return ATTRIBUTE[method](spec, model, objective, train_x, train_keys, queries, query_keys,
+                             args)  # fmt: skip
 
 
 def git_commit() -> str:

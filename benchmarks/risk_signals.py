@@ -37,11 +37,14 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from diffcurate.influence.registry import DEFAULT_TIMESTEPS, ScorerSpec, score_function
+from diffcurate.influence.registry import ScorerSpec, get_scorer, score_function
 from diffcurate.metrics.planted_recall import planted_recall_and_rank
 from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.models.train import TrainConfig, train
+
+SIGNALS = ("trace", "divergence", "loss")
+"""The per-sample signals compared (none needs dataset-level state)."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     rows = []
-    for signal in ("trace", "divergence", "loss"):
+    for signal in SIGNALS:
         for t in timesteps:
             spec = ScorerSpec(
                 signal=signal,
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             recall, med = recall_and_rank(res.score, corpus.scored_ids, corpus.planted)
             r_exact, _ = recall_and_rank(res.score, corpus.scored_ids, corpus.exact)
             r_near, _ = recall_and_rank(res.score, corpus.scored_ids, corpus.near)
-            default = DEFAULT_TIMESTEPS[signal] == (t,)
+            default = get_scorer(signal).default_timesteps == (t,)
             rows.append((signal, t, recall, r_exact, r_near, med, secs, default))
             print(f"  scored {signal} t={t}: recall@1% {recall:.2f} ({secs:.1f} s)", flush=True)
     base = next(r[6] for r in rows if r[0] == "loss")

@@ -56,9 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffcurate.flows.score import shards_of
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import (
-    FIT_SET,
-    MODEL_FREE,
-    RISK_SIGNALS,
     BIFOptions,
     EmbeddingState,
     FitSet,
@@ -67,9 +64,11 @@ from diffcurate.influence.registry import (
     TRAKOptions,
     batch_units,
     fit_sample,
+    get_scorer,
     prepare_state,
     score_function,
     score_keys,
+    scorer_names,
 )
 from diffcurate.models.diffusion import load_diffusion_model
 from diffcurate.models.reference import reference_model
@@ -91,7 +90,7 @@ SCORERS = (
 SKIPPED = {
     "cond-gap": "text-conditional models only",
 }
-assert set(SCORERS) | set(SKIPPED) == set(RISK_SIGNALS)
+assert set(SCORERS) | set(SKIPPED) == set(scorer_names(risk=True))
 
 
 def corpus_keys(args: argparse.Namespace):
@@ -120,9 +119,7 @@ def spec_for(signal: str, args: argparse.Namespace) -> ScorerSpec:
         seed=args.seed,
         draws_per_timestep=args.draws,
         probes=args.probes,
-        fit_size=args.ekfac_fit_size
-        if signal == "ekfac" and args.ekfac_fit_size
-        else args.fit_size,
+        fit_size={"ekfac": args.ekfac_fit_size}.get(signal) or args.fit_size,
         bif=BIFOptions(chains=args.bif_chains, draws=args.bif_draws, batch_size=args.bif_batch),
         trak=TRAKOptions(proj_dim=args.proj_dim, projection_cache=args.projection_cache),
         global_hessian=GlobalHessianOptions(probes=args.hessian_probes),
@@ -140,7 +137,7 @@ def _score(signal: str, args: argparse.Namespace, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-scorers-") as cache:
         objective = None if not spec.uses_model else spec.objective(model.scheduler)
         fit = embeddings = None
-        if spec.signal in FIT_SET:
+        if spec.scorer.needs.fit_set:
             fit_ids = fit_sample(keys, spec.fit_size, spec.seed)
             row = {k: i for i, k in enumerate(keys)}
             fit = FitSet(
@@ -148,7 +145,7 @@ def _score(signal: str, args: argparse.Namespace, model_dir: str) -> dict:
                 keys=tuple(fit_ids),
                 n_dataset=len(keys),
             )
-        if spec.signal == "clip-knn":
+        if spec.scorer.needs.embeddings:
             flat = corpus.train.reshape(len(keys), -1).numpy().astype(np.float64)
             embeddings = EmbeddingState(
                 reference_keys=tuple(keys), reference=flat - flat.mean(axis=0)
@@ -270,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if "trace" not in scorers:
         scorers.insert(0, "trace")  # the time reference
     for t in [int(t) for t in args.sweep.split(",") if t]:
-        scorers += [f"{s}@{t}" for s in list(scorers) if "@" not in s and s not in MODEL_FREE
+        scorers += [f"{s}@{t}" for s in list(scorers) if "@" not in s and get_scorer(s).needs.model
                     and t not in spec_for(s, args).effective_timesteps]  # fmt: skip
 
     print("# Risk scorers on a planted-memorization corpus\n")

@@ -81,7 +81,6 @@ from diffcurate.flows.score import shards_of
 from diffcurate.influence.dmin import attribution_scores
 from diffcurate.influence.objective import ScoreResult
 from diffcurate.influence.registry import (
-    FIT_SET,
     BIFOptions,
     DMinOptions,
     EmbeddingState,
@@ -102,8 +101,10 @@ from diffcurate.models.sample import generate
 from diffcurate.models.train import TrainConfig, train
 from risk_signals import build_corpus
 
+CONTROL = "none"
+"""The no-pruning control row (not a scorer): the reference, or the recipe on every sample."""
 METHODS = (
-    "none",
+    CONTROL,
     "random",
     "pixel-knn",
     "global-hessian",
@@ -221,7 +222,7 @@ def method_scores(
     ids = corpus.distinct
     spec = spec_for(method, args, seed)
     objective = spec.objective(model.scheduler) if spec.uses_model else None
-    if method == "dmin":
+    if spec.scorer.output == "sketches":
         sketch = sketch_function(spec)
         parts = shards_of(batch_units(ids, spec), args.shard_size)
         train_sk = torch.cat([sketch(objective, model.unet, corpus.rows(p), p) for p in parts])
@@ -233,11 +234,11 @@ def method_scores(
         return attribution_scores(q_sk, train_sk).max(dim=0).values.numpy()
     with tempfile.TemporaryDirectory(prefix="table1-") as cache:
         fit = embeddings = None
-        if spec.signal in FIT_SET:
+        if spec.scorer.needs.fit_set:
             fit_ids = fit_sample(corpus.keys, spec.fit_size, spec.seed)
             fit = FitSet(images=corpus.rows(fit_ids), keys=tuple(fit_ids),
                          n_dataset=len(corpus.keys))  # fmt: skip
-        if spec.signal == "clip-knn":
+        if spec.scorer.needs.embeddings:
             flat = corpus.train.reshape(len(corpus.keys), -1).numpy().astype(np.float64)
             embeddings = EmbeddingState(reference_keys=tuple(corpus.keys),
                                         reference=flat - flat.mean(axis=0))  # fmt: skip
@@ -304,15 +305,15 @@ def run_seed(args, seed: int, log, rows: list[Row], flush) -> None:
     fraction = args.budget or len(planted_distinct) / len(distinct)
     # No pruning: the reference itself (fine-tuning on everything at lr 2e-6 would leave it
     # as it is) and, as the retrain rows' control, the same retrain recipe on every sample.
-    rows.append(fill(Row(seed, "none", "finetune"), before, corpus))
+    rows.append(fill(Row(seed, CONTROL, "finetune"), before, corpus))
     control = fresh_copy(reference, seed + 1)
     secs = train_recipe(control, corpus, corpus.keys, args, seed + 1)
-    rows.append(fill(Row(seed, "none", "retrain", mitigate_seconds=secs),
+    rows.append(fill(Row(seed, CONTROL, "retrain", mitigate_seconds=secs),
                      measure(control, corpus, args, seed, tau=tau), corpus))  # fmt: skip
     flush()
     log(f"seed {seed}: retrain control (no pruning) Mem% {rows[-1].mem:.1f}, "
         f"FD {rows[-1].fd:.3f}")  # fmt: skip
-    for method in [m for m in args.methods if m != "none"]:
+    for method in [m for m in args.methods if m != CONTROL]:
         t0 = time.perf_counter()
         scores = method_scores(method, reference, corpus, args, seed)
         score_s = time.perf_counter() - t0
@@ -360,13 +361,13 @@ def table(rows: list[Row], n_secrets: int) -> str:
             p = mem / 100
             mem_se = 100 * math.sqrt(p * (1 - p) / n_secrets)
         fd, fd_se = mean_se([r.fd for r in rs])
-        none = by[("none", mitigation)]
+        none = by[(CONTROL, mitigation)]
         mem0, fd0 = mean_se([r.mem for r in none])[0], mean_se([r.fd for r in none])[0]
         red = 100 * (mem0 - mem) / mem0 if mem0 > 0 else math.nan
         kinds = " / ".join(f"{np.mean([r.mem_by_kind[k] for r in rs]):.0f}"
                            for k in ("exact", "near", "unique"))  # fmt: skip
         score_s = np.mean([r.score_seconds for r in rs])
-        recall = np.mean([r.planted_recall for r in rs]) if method != "none" else math.nan
+        recall = np.mean([r.planted_recall for r in rs]) if method != CONTROL else math.nan
         lines.append(
             f"| {method} | {mitigation} | {'-' if method == 'none' else f'{recall:.2f}'} | "
             f"{mem:.1f} ± {mem_se:.1f} | {kinds} | "
@@ -487,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    if "none" not in args.methods:
-        args.methods.insert(0, "none")
+    if CONTROL not in args.methods:
+        args.methods.insert(0, CONTROL)
     torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()  # fresh_copy's dtype cast notice
     out = Path(args.out)
