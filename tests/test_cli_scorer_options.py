@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from diffcurate.attribution import attribution_scorers
-from diffcurate.cli import run, score
+from diffcurate.cli import deploy, run, score
 from diffcurate.cli.scorer_options import (
     COMMON_FLAGS,
     SCORE_FLAGS,
@@ -42,6 +42,8 @@ def test_the_scorer_flags_default_to_the_specs_default_scorer():
     spec_default = ScorerSpec().signal
     assert _defaults(score.score)["scorer"] == spec_default
     assert _defaults(run.run_hygiene)["scorer"] == spec_default
+    assert _defaults(deploy.serve_cmd)["scorer"] == spec_default
+    assert _defaults(run.evaluate)["scorers"].split(",")[0] == spec_default
 
 
 def test_help_texts_list_every_builtin_scorer():

@@ -292,7 +292,7 @@ def evaluate(
     except (ValidationError, ValueError, OSError) as e:
         raise fail(str(e)) from e
     preflight(model, load, device)
-    from diffcurate.flows.evaluate import eval_flow
+    from diffcurate.flows.evaluate import NO_PRUNING, ORIGINAL, eval_flow
     from diffcurate.models.diffusion import ModelLoadError
 
     try:
@@ -307,11 +307,11 @@ def evaluate(
     for name in ("removed images/samples", "secrets removed", "Mem%", "FD (vs none)", "KID",
                  "score s"):  # fmt: skip
         t.add_column(name, justify="right")
-    control = {r.mitigation: r for r in summary.rows if r.scorer == "none"}
+    control = {r.mitigation: r for r in summary.rows if r.scorer == NO_PRUNING}
     for r in summary.rows:
         base = control.get(r.mitigation)
         rel = "" if base is None or r is base else f" ({100 * (r.fd - base.fd) / base.fd:+.1f}%)"
-        pruned = r.scorer not in ("none", "original")
+        pruned = r.scorer not in (NO_PRUNING, ORIGINAL)
         t.add_row(r.scorer, r.mitigation,
                   f"{r.flagged_images}/{r.removed_samples}" if pruned else "",
                   f"{r.secrets_removed}/{len(summary.secrets)}" if pruned else "",
