@@ -1,5 +1,5 @@
 """`diffcurate attribute`: a training image queried against its own training set comes out top-1
-(DMin, indexed and exact), and EK-FAC / TRAK rankings equal direct library calls."""
+(DMin, indexed and exact), and EK-FAC / TRAK / BIF rankings equal direct library calls."""
 
 import numpy as np
 import pytest
@@ -11,8 +11,10 @@ from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.demo.writers import write_folder
 from diffcurate.flows.ingest import IngestParams, ingest_flow
 from diffcurate.flows.score import ScoreParams, score_flow
+from diffcurate.influence.bif import bif_attribution
 from diffcurate.influence.ekfac import ekfac_attribution
 from diffcurate.influence.registry import (
+    BIFOptions,
     DMinOptions,
     EKFACOptions,
     ScorerSpec,
@@ -134,6 +136,32 @@ def test_trak_attribution_equals_a_direct_ranking(setup):
     order = sorted(range(N), key=lambda j: (-want[j], ids[j]))[:5]
     assert res.sample_ids == [ids[j] for j in order]
     np.testing.assert_allclose(res.scores, want[order], rtol=1e-8)
+
+
+@pytest.mark.parametrize("states", ["stored", "replay"])
+def test_bif_attribution_equals_a_direct_ranking(setup, states):
+    """Cov = −BIF over the run's posterior draws (its fit set drives the chains), from the
+    command line: the same numbers as the library's bif_attribution, for either kind of state."""
+    ws, model_dir, query, query_id, _ = setup
+    spec = ScorerSpec(signal="bif", dtype="float64", draws_per_timestep=1, fit_size=12,
+                      bif=BIFOptions(chains=2, draws=3, batch_size=4, step_size=1e-4,
+                                     states=states))  # fmt: skip
+    run_id = score_flow(ScoreParams(dataset="digits", model=model_dir, scorer=spec, workspace=ws,
+                                    shard_size=8, progress=False)).run_id  # fmt: skip
+    res = attribute_image(ws, query, model_dir, top_k=N, scorer="bif", run_id=run_id,
+                          shard_size=8)  # fmt: skip
+    ids, x, fit_ids, fit_x, q = _direct_inputs(ws, spec, query_id)
+    want = bif_attribution(
+        spec.objective(scheduler()), tiny_unet().float(), x, ids, q,
+        [query_key(query.read_bytes())], spec.bif_config, sgld_images=fit_x, sgld_keys=fit_ids,
+    ).scores[0]  # fmt: skip
+    order = sorted(range(N), key=lambda j: (-want[j], ids[j]))
+    assert res.sample_ids == [ids[j] for j in order]
+    np.testing.assert_allclose(res.scores, want[order], rtol=1e-8, atol=1e-15)
+    cli = CliRunner().invoke(app, ["attribute", str(query), "-m", str(model_dir), "-s", "bif",
+                                   "--run", run_id, "-k", "3", "-w", str(ws)])  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "bif (exact over the dataset)" in cli.output and ids[order[0]] in cli.output
 
 
 def test_bad_arguments_are_refused(setup, tmp_path):
