@@ -4,8 +4,6 @@ draws, reported as Cov (HIGH = proponent, as every attribution scorer)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -13,6 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from diffcurate.digests import content_digest
 from diffcurate.influence.bif import BIFConfig, bif_from_traces
 from diffcurate.influence.bif_draws import PosteriorDraws
 from diffcurate.influence.bif_replay import ReplayedDraws
@@ -77,28 +76,6 @@ class BIFOptions(BaseModel):
         return self
 
 
-def _digest(*parts: object) -> str:
-    """sha256 over models (state dict), tensors (bytes) and JSON-able values."""
-    h = hashlib.sha256()
-
-    def tensor(t: torch.Tensor) -> None:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-    for part in parts:
-        if isinstance(part, torch.nn.Module):
-            for name, value in sorted(part.state_dict().items()):
-                h.update(name.encode())
-                tensor(value)
-        elif isinstance(part, torch.Tensor):
-            tensor(part)
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x1e")
-    return h.hexdigest()[:24]
-
-
 class BIFScorer(BaseScorer):
     """The chains run once per run on the fit set (the SGLD set); their states (stored) or
     only their digests (replay) are kept under ``cache_dir/bif/<fingerprint>`` or
@@ -131,7 +108,7 @@ class BIFScorer(BaseScorer):
     ) -> RunState:
         assert fit is not None and objective is not None and model is not None and cache_dir
         config = self.config(spec)
-        name = _digest(
+        name = content_digest(
             model,
             fit.images,
             list(fit.keys),
