@@ -119,9 +119,9 @@ def test_sigkill_mid_ingest_then_rerun_ends_with_exact_rows(tmp_path):
     ids = store.read("samples", "digits", columns=["sample_id"]).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == len(samples)
     runs = Ledger(ws / "ledger.duckdb").runs(kind="ingest")
-    assert [r["status"] for r in runs] == ["completed", "interrupted"]
-    assert runs[0]["stats"]["already_present"] == partial
-    assert runs[0]["stats"]["ingested"] == len(samples) - partial
+    assert [r.status for r in runs] == ["completed", "interrupted"]
+    assert runs[0].stats["already_present"] == partial
+    assert runs[0].stats["ingested"] == len(samples) - partial
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -137,7 +137,7 @@ def test_score_command_prints_riskiest_and_refuses_bad_input(tmp_path, digit_fil
     res = invoke("score", "-d", "digits", "-m", model, "--scorer", "loss", "-w", ws, "--top", 3)
     assert res.exit_code == 0, res.output
     assert "riskiest 3" in res.output and "t=[100]" in res.output
-    run_id = Ledger(ws / "ledger.duckdb").runs(kind="score")[0]["run_id"]
+    run_id = Ledger(ws / "ledger.duckdb").runs(kind="score")[0].run_id
     res = invoke("scores", run_id, "-w", ws, "--top", 5)
     assert res.exit_code == 0 and "riskiest 5" in res.output
     res = invoke("score", "-d", "digits", "-m", model, "--scorer", "bogus", "-w", ws)
@@ -165,7 +165,7 @@ def test_train_resumes_and_sample_writes_a_grid(tmp_path, digit_files):
     res = invoke(*args, "--steps", 30)  # same run, more steps: continues from 20
     assert res.exit_code == 0 and "steps 20 -> 30" in res.output, res.output
     runs = Ledger(ws / "ledger.duckdb").runs(kind="train")
-    assert [r["stats"]["final_step"] for r in runs] == [30, 20]
+    assert [r.stats["final_step"] for r in runs] == [30, 20]
     model = ws / "models" / "digits-tiny" / "checkpoints" / "step-00000030"
     res = invoke("sample", "-m", model, "-o", tmp_path / "grid.png", "--n", 4,
                  "--inference-steps", 5, "--scale", 3)  # fmt: skip
@@ -239,7 +239,7 @@ def test_eval_command_prints_one_row_per_scorer_and_mitigation(tmp_path, digit_f
         assert any(line.strip("│ ").startswith(scorer) for line in lines), scorer
     assert "Mem%" in res.output and "2 secrets, τ 0.08" in res.output
     (run,) = Ledger(ws / "ledger.duckdb").runs(kind="eval")
-    assert run["status"] == "completed" and len(run["stats"]["rows"]) == 4
+    assert run.status == "completed" and len(run.stats["rows"]) == 4
     assert Ledger(ws / "ledger.duckdb").releases("digits") == []
     res = invoke("eval", "-d", "digits", "-m", model, "--secrets", "dup-0",
                  "--scorers", "no-such-scorer", "-w", ws)  # fmt: skip

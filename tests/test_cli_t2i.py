@@ -57,8 +57,8 @@ def test_latent_pipeline_through_ingest_score_run_approve_eval(t2i):
                  "--mitigation", "finetune", "--lr", 1e-4, *GATE, "-w", ws)  # fmt: skip
     assert res.exit_code in (0, 1), res.output
     run = Ledger(ws / "ledger.duckdb").runs(kind="hygiene")[0]
-    stats = run["stats"]
-    assert run["status"] == "completed"
+    stats = run.stats
+    assert run.status == "completed"
     # Secrets are measured once per distinct image, not once per copy.
     assert stats["secrets"] and len(stats["secrets"]) == 2 and stats["secret_samples"] == 8
     assert stats["mem_rule"] == "relative_tiled_l2" and stats["guidance_scale"] == 3.0
@@ -100,7 +100,7 @@ def test_latent_pipeline_through_ingest_score_run_approve_eval(t2i):
                  "--fraction", 0.05, "--heldout-dataset", "photos-heldout", *GATE,
                  "-w", ws)  # fmt: skip
     assert res.exit_code == 0, res.output
-    ev = Ledger(ws / "ledger.duckdb").runs(kind="eval")[0]["stats"]
+    ev = Ledger(ws / "ledger.duckdb").runs(kind="eval")[0].stats
     assert ev["mem_rule"] == "relative_tiled_l2" and len(ev["secrets"]) == 2
     assert {(r["scorer"], r["mitigation"]) for r in ev["rows"]} == {
         ("original", "-"),

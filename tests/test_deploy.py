@@ -264,11 +264,11 @@ def test_served_schedule_runs_a_hygiene_run_to_a_candidate_release(
         _stop(serve)
     assert completed["auto_scheduled"]  # created by the server's scheduler, not by hand
     ledger = Ledger(ws / "ledger.duckdb")
-    done = {r["run_id"]: r for r in ledger.runs(kind="hygiene") if r["status"] == "completed"}
+    done = {r.run_id: r for r in ledger.runs(kind="hygiene") if r.status == "completed"}
     release = ledger.release("digits-candidate-1")
     assert release["kind"] == "candidate"
     run = done[release["manifest"]["runs"]["hygiene"]]
-    assert run["stats"]["n_samples"] == 63 and run["stats"]["release_tag"] == release["tag"]
+    assert run.stats["n_samples"] == 63 and run.stats["release_tag"] == release["tag"]
 
 
 def test_apply_refuses_a_deployments_file_with_unfilled_variables(monkeypatch, tmp_path):

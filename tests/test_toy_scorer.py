@@ -89,8 +89,8 @@ def test_a_scorer_registered_here_scores_runs_and_attributes(toy, tmp_path, digi
     assert res.exit_code == 0, res.output
     assert "toy (toy/w2) at t=[7]" in res.output
     ledger = Ledger(ws / "ledger.duckdb")
-    run = next(r for r in ledger.runs(kind="score") if r["status"] == "completed")
-    spec = ScorerSpec.model_validate(run["params"]["scorer"])
+    run = next(r for r in ledger.runs(kind="score") if r.status == "completed")
+    spec = ScorerSpec.model_validate(run.params["scorer"])
     assert spec.options == ToyOptions(weight=2.0) and spec.fingerprint_payload()["toy"] == {
         "weight": 2.0
     }
@@ -116,5 +116,5 @@ def test_a_scorer_registered_here_scores_runs_and_attributes(toy, tmp_path, digi
                  "--inference-steps", 2, "-w", ws)  # fmt: skip
     assert res.exit_code in (0, 1), res.output
     assert "gate decision" in res.output
-    signals = [r["params"]["scorer"]["options"] for r in ledger.runs(kind="score")]
+    signals = [r.params["scorer"]["options"] for r in ledger.runs(kind="score")]
     assert {"weight": 3.0} in signals

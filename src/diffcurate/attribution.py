@@ -37,7 +37,7 @@ from diffcurate.models.images import Geometry, decode_sample, prepare_image
 from diffcurate.models.inputs import ModelInputs, encode_pixels
 from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
-from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.ledger import Ledger, RunRecord
 from diffcurate.storage.sketches import SketchStore
 from diffcurate.workspace import Workspace
 
@@ -94,25 +94,25 @@ def load_query(
     return x0, query_key(data), cond
 
 
-def _score_runs(ledger: Ledger, signals: tuple[str, ...]) -> list[dict]:
+def _score_runs(ledger: Ledger, signals: tuple[str, ...]) -> list[RunRecord]:
     return [
         r
         for r in ledger.runs(kind="score")
-        if r["status"] == "completed" and r["params"].get("scorer", {}).get("signal") in signals
+        if r.status == "completed" and r.params.get("scorer", {}).get("signal") in signals
     ]
 
 
-def _check_run_model(run: dict, model_path: Path) -> None:
+def _check_run_model(run: RunRecord, model_path: Path) -> None:
     """Refuse a run made with other model files (its fingerprint would differ)."""
     from diffcurate.flows.score import ScoreParams, run_fingerprint
 
     params = ScoreParams.model_validate(
-        {k: v for k, v in run["params"].items() if k != "fingerprint"}
+        {k: v for k, v in run.params.items() if k != "fingerprint"}
         | {"model": str(model_path), "progress": False}
     )
-    if run_fingerprint(params) != run["params"].get("fingerprint"):
+    if run_fingerprint(params) != run.params.get("fingerprint"):
         raise AttributionError(
-            f"run {run['run_id']} was made with other model files than {model_path} (or they "
+            f"run {run.run_id} was made with other model files than {model_path} (or they "
             "changed since): its scores are not comparable; re-run `diffcurate score` with "
             "this model"
         )
@@ -124,7 +124,7 @@ def find_run(
     model_path: Path,
     run_id: str | None,
     dataset: str | None,
-) -> dict | None:
+) -> RunRecord | None:
     """The run to attribute with: ``run_id`` (checked), else the newest completed run of
     ``scorer`` made with ``model_path`` (and ``dataset``), else None."""
     if run_id is not None:
@@ -132,21 +132,21 @@ def find_run(
             run = ledger.run(run_id)
         except KeyError as err:
             raise AttributionError(str(err)) from err
-        signal = run["params"].get("scorer", {}).get("signal")
-        if run["kind"] != "score" or run["status"] != "completed":
+        signal = run.params.get("scorer", {}).get("signal")
+        if run.kind != "score" or run.status != "completed":
             raise AttributionError(f"{run_id} is not a completed score run")
         if signal != scorer:
             raise AttributionError(f"{run_id} is a {signal} run, not {scorer}")
-        if dataset is not None and run["dataset"] != dataset:
-            raise AttributionError(f"{run_id} scored {run['dataset']!r}, not {dataset!r}")
+        if dataset is not None and run.dataset != dataset:
+            raise AttributionError(f"{run_id} scored {run.dataset!r}, not {dataset!r}")
         _check_run_model(run, model_path)
         return run
     target = model_path.resolve()
     for run in _score_runs(ledger, (scorer,)):
-        model = run["params"].get("model")
+        model = run.params.get("model")
         if model is None or Path(model).resolve() != target:
             continue
-        if dataset is not None and run["dataset"] != dataset:
+        if dataset is not None and run.dataset != dataset:
             continue
         _check_run_model(run, model_path)
         return run
@@ -154,17 +154,23 @@ def find_run(
 
 
 def _from_sketches(
-    store_uri: str, run: dict, spec: ScorerSpec, model: DiffusionModel, query, k: int, exact: bool
+    store_uri: str,
+    run: RunRecord,
+    spec: ScorerSpec,
+    model: DiffusionModel,
+    query,
+    k: int,
+    exact: bool,
 ) -> tuple[list[str], np.ndarray, int]:
     from diffcurate.tasks.score import scoring_objective
 
     images, key, cond = query
     objective = scoring_objective(spec, model)
     sketch = sketch_function(spec)(objective, model.unet, images, [key], cond)
-    table = run["stats"].get("sketch_table") or "sketches"
+    table = run.stats.get("sketch_table") or "sketches"
     sketches = SketchStore(store_uri, table=table)
-    hits = sketches.top_k(sketch.numpy(), k, run["run_id"], exact=exact)[0]
-    return hits.sample_ids, hits.scores, sketches.count(run["run_id"])
+    hits = sketches.top_k(sketch.numpy(), k, run.run_id, exact=exact)[0]
+    return hits.sample_ids, hits.scores, sketches.count(run.run_id)
 
 
 def _exact_over_dataset(
@@ -234,9 +240,9 @@ def attribute_image(
     ledger = Ledger(layout.ledger_path)
     run = find_run(ledger, scorer, model_path, run_id, dataset)
     if run is not None and load is None:
-        load = LoadOptions.model_validate(run["params"].get("load") or {})
+        load = LoadOptions.model_validate(run.params.get("load") or {})
     model = load_model(model_path, options=load)
-    geometry = "center-crop" if run is None else run["params"].get("geometry", "center-crop")
+    geometry = "center-crop" if run is None else run.params.get("geometry", "center-crop")
     query = load_query(image, model, caption, geometry)
     started = time.perf_counter()
     if get_scorer(scorer).output == "sketches":
@@ -246,14 +252,14 @@ def attribute_image(
                 + ("" if dataset is None else f" on {dataset!r}")
                 + f": run `diffcurate score --scorer {scorer}` first (it stores the sketches)"
             )
-        spec = ScorerSpec.model_validate(run["params"]["scorer"])
+        spec = ScorerSpec.model_validate(run.params["scorer"])
         ids, scores, searched = _from_sketches(store.uri, run, spec, model, query, top_k, exact)
         mode = "exact scan of the stored sketches" if exact else "ANN index"
-        dataset = run["dataset"]
+        dataset = run.dataset
     else:
         if run is not None:
-            spec = ScorerSpec.model_validate(run["params"]["scorer"])
-            dataset = run["dataset"]
+            spec = ScorerSpec.model_validate(run.params["scorer"])
+            dataset = run.dataset
         elif dataset is None:
             raise AttributionError(
                 f"{scorer} attributes over a dataset: pass --dataset (or --run with a "
@@ -278,7 +284,7 @@ def attribute_image(
         for i, s in zip(ids, scores, strict=True)
     ]  # fmt: skip
     return Attribution(
-        scorer=scorer, dataset=dataset, run_id=None if run is None else run["run_id"], mode=mode,
+        scorer=scorer, dataset=dataset, run_id=None if run is None else run.run_id, mode=mode,
         sample_ids=list(ids), scores=np.asarray(scores), searched=searched, seconds=seconds,
         rows=rows,
     )  # fmt: skip

@@ -42,14 +42,14 @@ def patch_run(ledger: Ledger, run_id: str, params: dict | None = None, **stats) 
     run = ledger.run(run_id)
     with duckdb.connect(str(ledger.path)) as con:
         con.execute("UPDATE runs SET params = ?, stats = ? WHERE run_id = ?",
-                    [json.dumps(params or run["params"]), json.dumps({**run["stats"], **stats}),
+                    [json.dumps(params or run.params), json.dumps({**run.stats, **stats}),
                      run_id])  # fmt: skip
 
 
 def test_gates_page_states_the_tau_the_run_used_and_each_secrets_verdict(small):
     ws, info, _, ledger, tokens = small
     run_id = info["run_id"]
-    secrets = ledger.run(run_id)["stats"]["secrets"]
+    secrets = ledger.run(run_id).stats["secrets"]
     cal = {"fpr": 0.05, "n_images": 40, "observed_fpr": 0.025, "tau": 0.1399}
     patch_run(ledger, run_id, mem_tau=0.1399, mem_rule="tiled_l2", mem_calibration=cal,
               per_secret={secrets[0]: {"before": 0.05, "after": 0.3},
@@ -78,7 +78,7 @@ def test_histogram_threshold_is_the_lowest_flagged_distinct_image(small):
     run = ledger.run(info["run_id"])
     scores = {
         r["sample_id"]: r["score"]
-        for r in store.read("scores", where={"run_id": run["stats"]["score_run"]}).to_pylist()
+        for r in store.read("scores", where={"run_id": run.stats["score_run"]}).to_pylist()
     }
     removed, kept = info["removed"], info["kept"]
     top, low_copy = removed[0], min(kept, key=scores.get)
@@ -90,7 +90,7 @@ def test_histogram_threshold_is_the_lowest_flagged_distinct_image(small):
     ], schema=DUPLICATES))  # fmt: skip
     cand = rel.create_candidate(store, ledger, "digits", [k for k in kept if k != low_copy],
                                 [*removed, low_copy], manifest={"gate_passed": True})  # fmt: skip
-    patch_run(ledger, info["run_id"], params={**run["params"], "scorer": {"signal": "divergence"}},
+    patch_run(ledger, info["run_id"], params={**run.params, "scorer": {"signal": "divergence"}},
               release_tag=cand.tag)  # fmt: skip
     page = client_for(ws, tokens["viewer"]).get(f"/runs/{info['run_id']}").text
     shown = float(re.search(r"lowest flagged image ([0-9.e+-]+)<", page).group(1))

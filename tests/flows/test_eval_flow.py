@@ -108,10 +108,10 @@ def test_ledger_holds_the_table_and_nothing_is_released(evaluated):
     ws, _, _, summary, samples_version = evaluated
     ledger = Ledger(ws / "ledger.duckdb")
     run = ledger.run(summary.run_id)
-    assert run["kind"] == "eval" and run["status"] == "completed"
-    assert run["stats"]["rows"] == [r.model_dump(mode="json") for r in summary.rows]
-    assert run["params"]["secrets"] == SECRETS
-    assert [r["status"] for r in ledger.runs(kind="score")] == ["completed", "completed"]
+    assert run.kind == "eval" and run.status == "completed"
+    assert run.stats["rows"] == [r.model_dump(mode="json") for r in summary.rows]
+    assert run.params["secrets"] == SECRETS
+    assert [r.status for r in ledger.runs(kind="score")] == ["completed", "completed"]
     assert ledger.releases() == []
     assert LanceStore(str(ws / "lancedb")).table("samples").version == samples_version
 
@@ -120,5 +120,5 @@ def test_unknown_secrets_fail_the_run(evaluated):
     ws, _, params, _, _ = evaluated
     with pytest.raises(ValueError, match="secrets not found"):
         eval_flow(params.model_copy(update={"secrets": ["no-such-key"]}))
-    failed = [r for r in Ledger(ws / "ledger.duckdb").runs(kind="eval") if r["status"] == "failed"]
-    assert len(failed) == 1 and "secrets not found" in failed[0]["error"]
+    failed = [r for r in Ledger(ws / "ledger.duckdb").runs(kind="eval") if r.status == "failed"]
+    assert len(failed) == 1 and "secrets not found" in failed[0].error

@@ -74,8 +74,8 @@ def test_ledger_holds_every_step(hygiene_run):
     ws, _, params, summary, _ = hygiene_run
     ledger = Ledger(ws / "ledger.duckdb")
     run = ledger.run(summary.run_id)
-    assert run["status"] == "completed" and run["kind"] == "hygiene"
-    assert ledger.run(summary.score_run)["status"] == "completed"
+    assert run.status == "completed" and run.kind == "hygiene"
+    assert ledger.run(summary.score_run).status == "completed"
     audits = ledger.audits(summary.run_id)
     assert sorted(a["attribute"] for a in audits) == ["slant", "stroke"]
     checks = ledger.gate_checks(summary.run_id)
@@ -126,7 +126,7 @@ def test_unknown_secret_is_refused(hygiene_run):
     bad = params.model_copy(update={"secrets": ["no-such-key"], "score_run": None})
     with pytest.raises(ValueError, match="secrets not found"):
         hygiene_flow(bad)
-    statuses = sorted(r["status"] for r in Ledger(ws / "ledger.duckdb").runs(kind="hygiene"))
+    statuses = sorted(r.status for r in Ledger(ws / "ledger.duckdb").runs(kind="hygiene"))
     assert statuses == ["completed", "failed"]
 
 

@@ -69,10 +69,10 @@ def test_reingest_adds_nothing_and_ledger_records_both_runs(tmp_path, corpus_fil
     )  # fmt: skip
     assert (len(rows_by_id(ws)), len(rows_by_id(ws, "quarantine"))) == (n_samples, n_quar)
     runs = Ledger(ws / "ledger.duckdb").runs(kind="ingest")
-    assert [r["run_id"] for r in runs] == [second.run_id, first.run_id]
-    assert all(r["status"] == "completed" for r in runs)
-    assert runs[1]["stats"]["ingested"] == len(corpus_files)
-    assert runs[1]["stats"]["quarantined_by_reason"] == {"empty_file": 1}
+    assert [r.run_id for r in runs] == [second.run_id, first.run_id]
+    assert all(r.status == "completed" for r in runs)
+    assert runs[1].stats["ingested"] == len(corpus_files)
+    assert runs[1].stats["quarantined_by_reason"] == {"empty_file": 1}
 
 
 def test_every_bad_input_is_quarantined_and_nothing_else_lost(tmp_path, digit_files):

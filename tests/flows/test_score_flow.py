@@ -60,7 +60,7 @@ def test_flow_scores_equal_a_direct_computation(scored_workspace):
     assert all(len(r["per_layer"]) == len(summary.layer_names) for r in rows)
     assert all(abs(sum(r["per_layer"]) - r["score"]) < 1e-9 * abs(r["score"]) for r in rows)
     run_row = Ledger(ws / "ledger.duckdb").run(summary.run_id)
-    assert run_row["status"] == "completed" and run_row["stats"]["scored"] == 30
+    assert run_row.status == "completed" and run_row.stats["scored"] == 30
 
 
 def test_shard_size_does_not_change_scores(scored_workspace):
@@ -95,11 +95,11 @@ def test_failed_run_resumes_without_duplicates_or_drift(scored_workspace, monkey
     monkeypatch.setattr(score_module, "score_shard", real)
     ledger = Ledger(ws / "ledger.duckdb")
     failed = ledger.runs(kind="score")[0]
-    assert failed["status"] == "failed"
-    partial = scores_of(ws, failed["run_id"])
+    assert failed.status == "failed"
+    partial = scores_of(ws, failed.run_id)
     assert len(partial) == 10  # two shards committed before the crash
     resumed = run(ws, model_dir, spec, shard_size=5)
-    assert resumed.resumed and resumed.run_id == failed["run_id"]
+    assert resumed.resumed and resumed.run_id == failed.run_id
     assert (resumed.already_scored, resumed.scored) == (10, 20)
     final = scores_of(ws, resumed.run_id)
     assert len(final) == 30 and all(final[k] == v for k, v in partial.items())

@@ -146,7 +146,7 @@ def test_bif_rows_equal_a_direct_call_with_the_same_sgld_set(ws, states):
                for i in ids)  # fmt: skip
     assert len(list((ws / "cache" / folder).glob(f"*/{name}"))) == 1
     # The ledger records the shared state's size: C·T·d numbers only when states are stored.
-    stats = Ledger(ws / "ledger.duckdb").runs(kind="score")[0]["stats"]
+    stats = Ledger(ws / "ledger.duckdb").runs(kind="score")[0].stats
     d = sum(p.numel() for p in model().parameters())
     states_bytes = 2 * 6 * d * 8
     assert stats["state_disk_bytes"] > fit_x.nbytes
@@ -200,7 +200,7 @@ def test_clip_knn_refuses_a_dataset_without_embeddings(ws):
     ws, _ = ws
     with pytest.raises(MissingEmbeddingsError, match=r"30 of 30 samples .* have none"):
         run(ws, ScorerSpec(signal="clip-knn"), resume=False)
-    assert Ledger(ws / "ledger.duckdb").runs(kind="score")[0]["status"] == "failed"
+    assert Ledger(ws / "ledger.duckdb").runs(kind="score")[0].status == "failed"
 
 
 def test_clip_knn_counts_near_duplicates_over_the_whole_dataset(tmp_path, digit_files, tiny_clip):
@@ -250,7 +250,7 @@ def test_dmin_writes_sketches_resumably_and_builds_the_index(ws, monkeypatch):
     monkeypatch.setattr(score_module, "sketch_shard", real)
     failed = Ledger(ws / "ledger.duckdb").runs(kind="score")[0]
     store = SketchStore(str(ws / "lancedb"))
-    assert failed["status"] == "failed" and store.count(failed["run_id"]) == 10
+    assert failed.status == "failed" and store.count(failed.run_id) == 10
     summary = run(ws, spec, model_dir, shard_size=10)
     assert summary.resumed and (summary.already_scored, summary.scored) == (10, 20)
     assert summary.timesteps == [166, 500, 833] and summary.sketch_index == "ivf_hnsw_sq"
@@ -261,7 +261,7 @@ def test_dmin_writes_sketches_resumably_and_builds_the_index(ws, monkeypatch):
     want = sketch_gradients(spec.objective(scheduler()), model(), x, ids, spec.dmin_config)
     order = [got_ids.index(i) for i in ids]
     np.testing.assert_allclose(got[order], want.reshape(N, -1).numpy(), rtol=1e-5, atol=1e-6)
-    stats = Ledger(ws / "ledger.duckdb").run(summary.run_id)["stats"]
+    stats = Ledger(ws / "ledger.duckdb").run(summary.run_id).stats
     assert stats["sketch_table"] == "sketches"
 
 

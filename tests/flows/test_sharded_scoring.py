@@ -101,9 +101,9 @@ def assert_equal_to_reference(ws, summary, reference):
     keys = sorted(got)
     np.testing.assert_allclose([got[k] for k in keys], [reference[k] for k in keys], rtol=1e-9)
     run = Ledger(ws / "ledger.duckdb").run(summary.run_id)
-    assert run["status"] == "completed"
-    assert run["stats"]["scored"] + run["stats"]["already_scored"] == N_SAMPLES
-    assert run["params"]["runner"] == "dask"
+    assert run.status == "completed"
+    assert run.stats["scored"] + run.stats["already_scored"] == N_SAMPLES
+    assert run.params["runner"] == "dask"
 
 
 def test_temporary_cluster_scores_equal_single_process(corpus, reference):
@@ -340,9 +340,9 @@ def test_killed_parent_flow_resumes_from_the_shards_its_workers_wrote(
         parent.wait(timeout=30)
     written = store.count("scores") - before
     assert 0 < written < N_SAMPLES
-    (dead,) = [r for r in ledger.runs(kind="score") if r["pid"] == parent.pid]
+    (dead,) = [r for r in ledger.runs(kind="score") if r.pid == parent.pid]
     summary = score_flow(params)
-    assert summary.resumed and summary.run_id == dead["run_id"]
+    assert summary.resumed and summary.run_id == dead.run_id
     assert 0 < summary.already_scored < N_SAMPLES
     assert summary.already_scored + summary.scored == N_SAMPLES
     assert_equal_to_reference(ws, summary, reference)

@@ -1,25 +1,61 @@
 import subprocess
 import sys
+from datetime import datetime
 
 import duckdb
 import pytest
+from pydantic import ValidationError
 
 from diffcurate.storage import reviews
-from diffcurate.storage.ledger import SCHEMA_VERSION, Ledger, LedgerTamperError, LedgerVersionError
+from diffcurate.storage.ledger import (
+    SCHEMA_VERSION,
+    Ledger,
+    LedgerTamperError,
+    LedgerVersionError,
+    RunRecord,
+)
 from diffcurate.storage.users import User, UserStore, hash_token
 
 
 def test_run_lifecycle_and_stats_roundtrip(tmp_path):
     ledger = Ledger(tmp_path / "ledger.duckdb")
     run_id = ledger.start_run("ingest", dataset="d", source="/src", params={"batch_size": 8})
-    assert ledger.run(run_id)["status"] == "running"
+    assert ledger.run(run_id).status == "running"
     ledger.finish_run(run_id, status="completed", stats={"ingested": 5, "by": {"x": 1}})
     run = ledger.run(run_id)
-    assert run["status"] == "completed"
-    assert run["stats"] == {"ingested": 5, "by": {"x": 1}}
-    assert run["params"] == {"batch_size": 8}
-    assert run["seconds"] is not None and 0 <= run["seconds"] < 60
-    assert run["finished_at"] >= run["started_at"]
+    assert run.status == "completed"
+    assert run.stats == {"ingested": 5, "by": {"x": 1}}
+    assert run.params == {"batch_size": 8}
+    assert run.seconds is not None and 0 <= run.seconds < 60
+    assert run.finished_at >= run.started_at
+
+
+def test_run_records_are_typed_validated_and_frozen(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    running = ledger.start_run("score", params={"scorer": {"signal": "loss"}})
+    done = ledger.start_run("ingest", dataset="d", source="/src")
+    ledger.finish_run(done, status="failed", stats={"n": [1, 2]}, error="boom")
+    run = ledger.run(running)
+    assert isinstance(run, RunRecord) and ledger.runs() == [ledger.run(done), run]
+    assert (run.kind, run.dataset, run.source, run.status) == ("score", None, None, "running")
+    assert isinstance(run.started_at, datetime) and run.started_at.tzinfo is not None
+    assert run.finished_at is None and run.seconds is None and run.error is None
+    assert run.params == {"scorer": {"signal": "loss"}} and run.stats == {}  # decoded JSON
+    assert isinstance(run.pid, int) and run.host
+    failed = ledger.run(done)
+    assert failed.status == "failed" and failed.stats == {"n": [1, 2]} and failed.params == {}
+    assert isinstance(failed.finished_at, datetime) and isinstance(failed.seconds, float)
+    with pytest.raises(ValidationError, match="frozen"):
+        run.status = "completed"  # type: ignore[misc]
+    row = run.model_dump()
+    with pytest.raises(ValidationError, match="status"):
+        RunRecord.model_validate({**row, "status": "done"})
+    with pytest.raises(ValidationError, match="started_at"):
+        RunRecord.model_validate({**row, "started_at": None})
+    with duckdb.connect(str(ledger.path)) as con:  # a status the ledger never writes
+        con.execute("UPDATE runs SET status = 'paused' WHERE run_id = ?", [running])
+    with pytest.raises(ValidationError, match="status"):
+        ledger.run(running)
 
 
 def test_runs_filter_and_order(tmp_path):
@@ -27,9 +63,9 @@ def test_runs_filter_and_order(tmp_path):
     a = ledger.start_run("ingest", dataset="a")
     b = ledger.start_run("score", dataset="a")
     c = ledger.start_run("ingest", dataset="b")
-    assert [r["run_id"] for r in ledger.runs()] == [c, b, a]
-    assert [r["run_id"] for r in ledger.runs(kind="ingest")] == [c, a]
-    assert [r["run_id"] for r in ledger.runs(dataset="a", kind="ingest")] == [a]
+    assert [r.run_id for r in ledger.runs()] == [c, b, a]
+    assert [r.run_id for r in ledger.runs(kind="ingest")] == [c, a]
+    assert [r.run_id for r in ledger.runs(dataset="a", kind="ingest")] == [a]
 
 
 def test_dead_process_runs_are_marked_interrupted(tmp_path):
@@ -42,8 +78,8 @@ def test_dead_process_runs_are_marked_interrupted(tmp_path):
     with duckdb.connect(str(ledger.path)) as con:
         con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [dead_pid, dead])
     assert ledger.mark_interrupted() == [dead]
-    assert ledger.run(dead)["status"] == "interrupted"
-    assert ledger.run(mine)["status"] == "running"  # this process is alive
+    assert ledger.run(dead).status == "interrupted"
+    assert ledger.run(mine).status == "running"  # this process is alive
 
 
 def test_unknown_final_status_refused(tmp_path):
@@ -55,7 +91,7 @@ def test_unknown_final_status_refused(tmp_path):
 
 def test_reopening_keeps_rows(tmp_path):
     run_id = Ledger(tmp_path / "l.duckdb").start_run("ingest")
-    assert Ledger(tmp_path / "l.duckdb").run(run_id)["kind"] == "ingest"
+    assert Ledger(tmp_path / "l.duckdb").run(run_id).kind == "ingest"
 
 
 def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
@@ -68,7 +104,7 @@ def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
     assert ledger.resumable_run("score", "fp2") is None  # completed runs are not resumed
     assert ledger.resumable_run("ingest", "fp1") is None
     ledger.reopen_run(a)
-    assert ledger.run(a)["status"] == "running" and ledger.run(a)["error"] is None
+    assert ledger.run(a).status == "running" and ledger.run(a).error is None
     with pytest.raises(ValueError, match="not an interrupted or failed run"):
         ledger.reopen_run(b)
 
@@ -76,12 +112,12 @@ def test_resumable_run_matches_fingerprint_and_reopens(tmp_path):
 def test_recording_completes_a_run_with_its_stats(tmp_path):
     ledger = Ledger(tmp_path / "ledger.duckdb")
     with ledger.recording("ingest", dataset="d", source="/s", params={"a": 1}) as run:
-        assert ledger.run(run.run_id)["status"] == "running"
+        assert ledger.run(run.run_id).status == "running"
         done = {"n": 0}
         run.stats = lambda: dict(done)
         done["n"] = 3
     row = ledger.run(run.run_id)
-    assert (row["status"], row["stats"], row["params"], row["error"]) == (
+    assert (row.status, row.stats, row.params, row.error) == (
         "completed",
         {"n": 3},
         {"a": 1},
@@ -97,8 +133,8 @@ def test_recording_fails_a_run_on_any_exception_and_reraises(tmp_path, error):
         run.stats = lambda: {"scored": 2}
         raise error
     row = ledger.run(run.run_id)
-    assert (row["status"], row["stats"]) == ("failed", {"scored": 2})
-    assert row["error"] == repr(error)
+    assert (row.status, row.stats) == ("failed", {"scored": 2})
+    assert row.error == repr(error)
 
 
 def test_recording_resumes_the_failed_run_with_the_same_fingerprint(tmp_path):
@@ -112,7 +148,7 @@ def test_recording_resumes_the_failed_run_with_the_same_fingerprint(tmp_path):
         assert again.resumed and again.run_id == first.run_id
     with ledger.recording("score", params={"fingerprint": "fp"}, resume="fp") as fresh:
         assert not fresh.resumed and fresh.run_id != first.run_id  # completed: not resumed
-    assert [r["status"] for r in ledger.runs()] == ["completed", "completed"]
+    assert [r.status for r in ledger.runs()] == ["completed", "completed"]
 
 
 # Decision tables ---------------------------------------------------------------------------
@@ -135,7 +171,7 @@ def test_version_1_ledger_is_upgraded_in_place_and_keeps_its_runs(tmp_path):
         )
     ledger = Ledger(path)
     assert ledger.schema_version == SCHEMA_VERSION == 4
-    assert ledger.run("old-run")["kind"] == "ingest"
+    assert ledger.run("old-run").kind == "ingest"
     ledger.record_decision("d-candidate-1", action="reject", actor="a", role="approver")
     assert len(ledger.decisions()) == 1
 

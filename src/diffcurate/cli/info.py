@@ -34,18 +34,19 @@ def runs(
     settings = workspace_settings(workspace)
     rows = Ledger(settings.layout.ledger_path).runs(kind=kind, dataset=dataset)
     if as_json:
-        out.print_json(json.dumps(rows, default=str))
+        # Python-mode dumps with str() for datetimes: the shape `runs --json` always printed.
+        out.print_json(json.dumps([r.model_dump() for r in rows], default=str))
         return
     t = Table("run_id", "kind", "dataset", "status", "started", "seconds", "rows", "quarantined")
     for r in rows:
-        s = r["stats"]
+        s = r.stats
         t.add_row(
-            safe(r["run_id"]),
-            safe(r["kind"]),
-            safe(r["dataset"] or ""),
-            safe(r["status"]),
-            f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
-            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            safe(r.run_id),
+            safe(r.kind),
+            safe(r.dataset or ""),
+            safe(r.status),
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+            "" if r.seconds is None else f"{r.seconds:.1f}",
             str(s.get("ingested", "")),
             str(s.get("quarantined", "")),
         )

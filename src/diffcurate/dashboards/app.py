@@ -55,6 +55,7 @@ from diffcurate.dashboards.thumbs import thumbnail_png
 from diffcurate.metrics.memorization import DEFAULT_THRESHOLDS
 from diffcurate.storage import releases as rel
 from diffcurate.storage import reviews
+from diffcurate.storage.ledger import RunRecord
 from diffcurate.storage.ledger_errors import LedgerError, LedgerLocked, LedgerReadOnly, classify
 from diffcurate.storage.users import hash_token
 
@@ -239,16 +240,16 @@ def create_app(
         page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1,
     ) -> HTMLResponse:  # fmt: skip
         run = _run(data, run_id)
-        if run["kind"] != "hygiene":
+        if run.kind != "hygiene":
             return page(request, "run_other.html", run=run)
-        stats = run["stats"]
+        stats = run.stats
         ctx: dict[str, Any] = {"run": run, "stats": stats, "tab": "flagged"}
         ctx.update(_release_ctx(data, stats.get("release_tag")))
         grid = data.flagged_page(run, page_no, PER_PAGE)
         ctx["grid"] = grid
         removed = grid.removed
         values, flagged = data.distinct_scores(run)
-        policy = run["params"].get("flag") or {}
+        policy = run.params.get("flag") or {}
         if policy.get("mode") == "threshold" and policy.get("threshold") is not None:
             threshold, label = float(policy["threshold"]), "policy threshold"
         else:  # top fraction: the riskiest distinct image that was not flagged lies below this
@@ -286,7 +287,7 @@ def create_app(
         run = _run(data, run_id)
         with data.lock:
             rows = data.ledger.audits(run_id)
-        policy = run["params"].get("audit") or {}
+        policy = run.params.get("audit") or {}
         ratio = float(policy.get("min_retention_ratio", 0.8))
         alpha = float(policy.get("alpha", 0.05))
         min_v = float(policy.get("min_effect_size", 0.0))
@@ -305,14 +306,14 @@ def create_app(
                 highlight=[limit is not None and r > limit + 1e-12 for r in rates],
                 title=f"removal rate by {a['attribute']}",
             ))  # fmt: skip
-        return page(request, "audit.html", run=run, stats=run["stats"], audits=rows,
+        return page(request, "audit.html", run=run, stats=run.stats, audits=rows,
                     charts=charts, tests=tests, why=why, ratio=ratio, alpha=alpha, tab="audit",
-                    **_release_ctx(data, run["stats"].get("release_tag")))  # fmt: skip
+                    **_release_ctx(data, run.stats.get("release_tag")))  # fmt: skip
 
     @app.get("/runs/{run_id}/gates")
     def gates(request: Request, run_id: RunId, session: Viewer) -> HTMLResponse:
         run = _run(data, run_id)
-        stats = run["stats"]
+        stats = run.stats
         with data.lock:
             checks = data.ledger.gate_checks(run_id)
         charts = []
@@ -510,7 +511,7 @@ def _safe_next(target: str) -> str:
     return target if target and _NEXT.match(target) else ""
 
 
-def _run(data: DashboardData, run_id: str) -> dict[str, Any]:
+def _run(data: DashboardData, run_id: str) -> RunRecord:
     try:
         return data.run(run_id)
     except NotFound:
@@ -538,11 +539,11 @@ def _gate_chart_ref(check: dict[str, Any]) -> tuple[float | None, str] | None:
     return None, ""
 
 
-def _mem_rule(run: dict[str, Any]) -> dict[str, Any]:
+def _mem_rule(run: RunRecord) -> dict[str, Any]:
     """The reconstruction rule that judged the run: the τ (δ for ratio rules) it used, and how
     that value was set (calibrated on held-out images, or fixed)."""
-    stats = run["stats"]
-    configured = dict((run["params"].get("measure") or {}).get("memorization") or {})
+    stats = run.stats
+    configured = dict((run.params.get("measure") or {}).get("memorization") or {})
     metric = stats.get("mem_rule") or configured.get("metric") or "tiled_l2"
     threshold = stats.get("mem_tau")
     cal = stats.get("mem_calibration")
@@ -618,7 +619,7 @@ def _open_candidate(data: DashboardData, tag: str) -> dict[str, Any]:
         raise HTTPException(REFUSED_STATUS[e.reason], str(e)) from e
 
 
-def _has_gate_image(data: DashboardData, run: dict[str, Any], phase: str, sid: str) -> bool:
+def _has_gate_image(data: DashboardData, run: RunRecord, phase: str, sid: str) -> bool:
     try:
         data.gate_image_path(run, phase, sid)
     except NotFound:

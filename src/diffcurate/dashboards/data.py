@@ -23,7 +23,7 @@ from diffcurate.ingest.dedup import phash_to_uint64
 from diffcurate.storage import releases as rel
 from diffcurate.storage import reviews
 from diffcurate.storage.lance_store import LanceStore
-from diffcurate.storage.ledger import Ledger
+from diffcurate.storage.ledger import Ledger, RunRecord
 from diffcurate.storage.users import UserStore
 from diffcurate.workspace import Workspace
 
@@ -107,11 +107,11 @@ class DashboardData:
         self._ids: OrderedDict[str, dict[str, list[str]]] = OrderedDict()
 
     # Runs -------------------------------------------------------------------------------
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunRecord]:
         with self.lock:
             return self.ledger.runs()
 
-    def run(self, run_id: str) -> dict[str, Any]:
+    def run(self, run_id: str) -> RunRecord:
         with self.lock:
             try:
                 return self.ledger.run(run_id)
@@ -215,14 +215,14 @@ class DashboardData:
         return dict(zip(t.column("sample_id").to_pylist(), t.column("score").to_pylist(),
                         strict=True))  # fmt: skip
 
-    def distinct_scores(self, run: dict[str, Any]) -> tuple[list[float], list[bool]]:
+    def distinct_scores(self, run: RunRecord) -> tuple[list[float], list[bool]]:
         """One score per distinct image (exact-duplicate group: its riskiest copy, as the flag
         step ranks them) and whether the run flagged it."""
-        stats = run["stats"]
+        stats = run.stats
         scores = self.scores(stats.get("score_run", "")) if stats.get("score_run") else {}
         tag = stats.get("release_tag")
         removed = set(self.manifest_ids(tag)["removed"]) if tag else set()
-        index = self.index(run["dataset"])
+        index = self.index(run.dataset)
         best: dict[Any, tuple[float, bool]] = {}
         for sid, score in scores.items():
             group = int(index.group[index.pos[sid]]) if sid in index.pos else sid
@@ -236,7 +236,7 @@ class DashboardData:
             run = self.run(score_run)
         except NotFound:
             return "risk"
-        params, stats = run["params"], run["stats"]
+        params, stats = run.params, run.stats
         scorer = params.get("scorer") if isinstance(params.get("scorer"), dict) else {}
         return str(stats.get("signal") or scorer.get("signal") or params.get("signal") or "risk")
 
@@ -246,7 +246,7 @@ class DashboardData:
             t = self.store.read("scores", columns=["sample_id", "per_layer"],
                                 where={"run_id": score_run})  # fmt: skip
             try:
-                names = self.ledger.run(score_run)["stats"].get("layer_names") or []
+                names = self.ledger.run(score_run).stats.get("layer_names") or []
             except KeyError:
                 names = []
         parts = t.column("per_layer").to_pylist()
@@ -263,16 +263,16 @@ class DashboardData:
         with self.lock:
             return reviews.marks(self.ledger, tag)
 
-    def flagged_page(self, run: dict[str, Any], page: int, per_page: int) -> FlaggedPage:
+    def flagged_page(self, run: RunRecord, page: int, per_page: int) -> FlaggedPage:
         """One page of the run's flagged images, riskiest first, one tile per duplicate group."""
-        stats = run["stats"]
+        stats = run.stats
         tag = stats.get("release_tag")
         if not tag:
             return FlaggedPage([], 1, 1, 0, per_page)
         removed = self.manifest_ids(tag)["removed"]
         removed_set = set(removed)
         scores = self.scores(stats.get("score_run", ""))
-        index = self.index(run["dataset"])
+        index = self.index(run.dataset)
         groups: dict[int, list[str]] = {}
         for sid in removed:
             if sid in index.pos:
@@ -301,12 +301,12 @@ class DashboardData:
         self.prefetch(thumbs)
         return FlaggedPage(tiles, page, pages, total, per_page, thumbs, removed_set)
 
-    def gate_image_path(self, run: dict[str, Any], phase: str, secret_id: str) -> Path:
+    def gate_image_path(self, run: RunRecord, phase: str, secret_id: str) -> Path:
         """The saved closest generation of one secret (inside the run's gate directory)."""
-        if secret_id not in (run["stats"].get("secrets") or []):
+        if secret_id not in (run.stats.get("secrets") or []):
             raise NotFound(secret_id)
-        base = self.layout.gate_dir(run["run_id"]).resolve()
-        stored = run["stats"].get("gate_images") or ""
+        base = self.layout.gate_dir(run.run_id).resolve()
+        stored = run.stats.get("gate_images") or ""
         if stored and not (base / phase).is_dir():
             base = Path(stored).resolve()
         path = (base / phase / f"{secret_id}.png").resolve()

@@ -276,10 +276,10 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             summary.score_run = scored.run_id
         else:
             prior = ledger.run(params.score_run)
-            if prior["kind"] != "score" or prior["status"] != "completed":
+            if prior.kind != "score" or prior.status != "completed":
                 raise ValueError(f"{params.score_run} is not a completed score run")
-            if prior["dataset"] != params.dataset:
-                raise ValueError(f"{params.score_run} scored {prior['dataset']!r}, not "
+            if prior.dataset != params.dataset:
+                raise ValueError(f"{params.score_run} scored {prior.dataset!r}, not "
                                  f"{params.dataset!r}")  # fmt: skip
             summary.score_run = params.score_run
         scores = store.read("scores", columns=["sample_id", "score"],

@@ -31,9 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
+from pydantic import BaseModel, ConfigDict
 
 from diffcurate.storage.ledger_errors import LedgerError, LedgerLocked, classify
 
@@ -47,6 +48,11 @@ come under this versioning (earlier they were created by their own modules, with
 DDL). 4: ``decisions`` gains ``seq``, ``prev_hash`` and ``row_hash`` (the hash chain); the
 upgrade chains the existing rows in (created_at, decision_id) order. Every step is additive:
 opening an older ledger creates the missing tables and columns and bumps the stored version."""
+
+RunStatus = Literal["running", "completed", "failed", "interrupted"]
+"""What the ledger writes in ``runs.status``: :meth:`Ledger.start_run` and :meth:`Ledger.reopen_run`
+``running``, :meth:`Ledger.finish_run` (and :meth:`Ledger.recording`) ``completed`` or ``failed``,
+:meth:`Ledger.mark_interrupted` ``interrupted``."""
 
 RELEASE_KINDS = ("candidate", "release")
 DECISION_ACTIONS = ("approve", "reject", "override")
@@ -180,6 +186,32 @@ class RunScope:
     run_id: str
     resumed: bool = False
     stats: Callable[[], dict[str, Any]] | None = None
+
+
+class RunRecord(BaseModel):
+    """One row of the ``runs`` table, as :meth:`Ledger.runs` and :meth:`Ledger.run` give it:
+    the columns as typed fields (in the table's order), ``params`` and ``stats`` decoded from
+    their JSON (``{}`` when none was stored). Frozen: a record is what was read, not a handle
+    to update the row with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    kind: str
+    dataset: str | None
+    source: str | None
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    seconds: float | None
+    params: dict[str, Any]
+    stats: dict[str, Any]
+    error: str | None
+    host: str
+    pid: int
+
+
+_RUN_COLS = ", ".join(RunRecord.model_fields)
 
 
 class Ledger:
@@ -408,9 +440,9 @@ class Ledger:
             ).fetchone()
         return int(row[0])
 
-    def runs(self, kind: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
-        """Runs, newest first, as dicts with ``params``/``stats`` decoded."""
-        query = "SELECT * FROM runs WHERE 1=1"
+    def runs(self, kind: str | None = None, dataset: str | None = None) -> list[RunRecord]:
+        """Runs, newest first."""
+        query = f"SELECT {_RUN_COLS} FROM runs WHERE 1=1"
         args: list[Any] = []
         if kind is not None:
             query += " AND kind = ?"
@@ -418,22 +450,19 @@ class Ledger:
         if dataset is not None:
             query += " AND dataset = ?"
             args.append(dataset)
-        query += " ORDER BY started_at DESC"
-        with self.connect(read_only=True) as con:
-            cur = con.execute(query, args)
-            cols = [d[0] for d in cur.description]
-            out = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-        for row in out:
-            for field in ("params", "stats"):
-                row[field] = json.loads(row[field]) if row[field] else {}
-        return out
+        return self._run_records(query + " ORDER BY started_at DESC", args)
 
-    def run(self, run_id: str) -> dict[str, Any]:
+    def run(self, run_id: str) -> RunRecord:
         """One run, as :meth:`runs` gives it; ``KeyError`` if there is none."""
-        rows = self._select("SELECT * FROM runs WHERE run_id = ?", [run_id], ("params", "stats"))
+        rows = self._run_records(f"SELECT {_RUN_COLS} FROM runs WHERE run_id = ?", [run_id])
         if not rows:
             raise KeyError(f"no run {run_id!r} in {self.path}")
         return rows[0]
+
+    def _run_records(self, query: str, args: list[Any]) -> list[RunRecord]:
+        return [
+            RunRecord.model_validate(row) for row in self._select(query, args, ("params", "stats"))
+        ]
 
     # Decision tables (append-only) ------------------------------------------------------
 
