@@ -106,6 +106,7 @@ def assert_equal_to_reference(ws, summary, reference):
     assert run.params["runner"] == "dask"
 
 
+@pytest.mark.slow
 def test_temporary_cluster_scores_equal_single_process(corpus, reference):
     ws, model_dir = corpus
     summary = dask_run(ws, model_dir, dask=DaskOptions(n_workers=2))
@@ -198,6 +199,7 @@ def test_a_shard_dask_gives_up_on_is_resubmitted_by_the_flow(corpus, reference):
     assert_equal_to_reference(ws, summary, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_event_loop", [False, True], ids=["plain", "in-event-loop"])
 def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster, in_event_loop):
     """A shard task that raises (here: the model files differ from the run's fingerprint) is
@@ -253,6 +255,7 @@ def test_a_failing_shard_fails_the_run_and_writes_nothing(corpus, cluster, in_ev
     assert store.read("scores", where={"run_id": "score-stale"}).num_rows == 0
 
 
+@pytest.mark.slow
 def test_gpu_tag_concurrency_limit_caps_concurrent_shards(corpus, reference, cluster):
     from prefect.client.orchestration import get_client
 
@@ -270,6 +273,7 @@ def test_gpu_tag_concurrency_limit_caps_concurrent_shards(corpus, reference, clu
     assert_equal_to_reference(ws, summary, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
