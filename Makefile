@@ -21,6 +21,15 @@ T2I_SCORER ?= trace
 
 setup: $(STAMP)
 
+# The dashboard's browser tests drive Debian's chromium (through Playwright); installed once,
+# with apt-get (as root, or through sudo), when it is missing.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		chromium chromium-driver
+
 # Idempotent: re-runs only when pyproject.toml changes. torch/torchvision are pinned to the
 # builds that lie on local disk, installed before the project so pip never fetches another build.
 $(STAMP): pyproject.toml
@@ -30,14 +39,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-test: setup
+test: setup $(CHROMIUM)
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # End-to-end robustness tests (kill -9 mid-ingest, Dask worker loss, served schedules): minutes.
-test-slow: setup
+test-slow: setup $(CHROMIUM)
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup $(CHROMIUM)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # `diffcurate run` exits 1 when a gate fails: that is a result to show, not a broken demo.
