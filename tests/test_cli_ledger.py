@@ -132,6 +132,11 @@ def as_reader(code: list[str], cwd: Path) -> subprocess.CompletedProcess:
         if setpriv is None:
             pytest.skip("running as root without setpriv: cannot drop write access")
         prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import diffcurate"], cwd=cwd,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        if probe.returncode != 0:
+            pytest.skip("the checkout is not readable by an unprivileged user (a private "
+                        "clone directory): cannot run the CLI without write access")  # fmt: skip
     env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}  # fmt: skip
