@@ -55,6 +55,7 @@ from diffcurate.metrics.mem_calibration import (
     threshold_at_fpr,
 )
 from diffcurate.metrics.memorization import Exclusion, MemorizationPolicy, MemResult, mem_percent
+from diffcurate.metrics.retrigger import RetriggerResult
 from diffcurate.metrics.utility import (
     KIDResult,
     PixelFeatureConfig,
@@ -63,6 +64,7 @@ from diffcurate.metrics.utility import (
     pixel_features,
 )
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.retrigger import RetriggerConfig
 from diffcurate.models.sample import generate
 
 
@@ -88,6 +90,9 @@ class MeasureConfig(BaseModel):
         kid_subsets: KID subsets.
         kid_subset_size: Rows per KID subset.
         device: ``cpu`` or ``cuda``.
+        retrigger: The re-trigger probe (text-conditional models; off by default): Mem% from
+            perturbed caption embeddings, judged by the same rule and τ
+            (:mod:`diffcurate.curation.retrigger`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -105,6 +110,7 @@ class MeasureConfig(BaseModel):
     kid_subsets: int = Field(50, ge=1)
     kid_subset_size: int = Field(100, ge=2)
     device: str = "cpu"
+    retrigger: RetriggerConfig = Field(default_factory=RetriggerConfig)
 
     def policy_for(self, model: DiffusionModel) -> MemorizationPolicy:
         """The reconstruction policy in force for ``model`` (see ``rule``)."""
@@ -132,6 +138,8 @@ class ModelMeasurement(BaseModel):
         heldout_images: Calibration images judged (None: none given).
         heldout_false_positives: How many of them the rule in force counts as reconstructed.
         heldout_fpr: ``heldout_false_positives / heldout_images``.
+        retrigger: Re-trigger Mem% under the same rule and τ, when the probe ran (filled in by
+            :func:`diffcurate.curation.retrigger.measure_retrigger`'s caller).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -146,6 +154,7 @@ class ModelMeasurement(BaseModel):
     heldout_images: int | None = None
     heldout_false_positives: int | None = None
     heldout_fpr: float | None = None
+    retrigger: RetriggerResult | None = None
 
 
 def to_unit(images: torch.Tensor) -> np.ndarray:
