@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from diffcurate.curation.gate import GatePolicy, evaluate_gates
 from diffcurate.metrics.audit import audit_arrays
 from diffcurate.metrics.memorization import mem_percent
+from diffcurate.metrics.retrigger import RetriggerResult
 from diffcurate.metrics.utility import KIDResult
 
 GOOD = {"mem_before": 40.0, "mem_after": 5.0, "fd_before": 10.0, "fd_after": 10.5, "audit": True}
@@ -32,7 +33,7 @@ def test_good_candidate_passes_every_check():
     fd = check(decision, "utility_fd")
     assert (fd.value_before, fd.value_after, fd.threshold) == (10.0, 10.5, 0.10)
     assert fd.compared == pytest.approx(0.05)
-    assert decision.summary == "gate PASS under policy gate-v1"
+    assert decision.summary == "gate PASS under policy gate-v2"
 
 
 def test_memorization_limit():
@@ -114,4 +115,65 @@ def test_policy_is_frozen_and_validated():
     with pytest.raises(ValidationError):
         GatePolicy(max_mem_percent_after=150.0)
     dumped = evaluate_gates(**GOOD).model_dump()
-    assert dumped["policy"]["version"] == "gate-v1" and len(dumped["checks"]) == 4
+    assert dumped["policy"]["version"] == "gate-v2" and len(dumped["checks"]) == 4
+
+
+def test_retrigger_check_only_when_probed_or_limited():
+    names = [c.name for c in evaluate_gates(**GOOD).checks]
+    assert "memorization_retrigger" not in names
+    probed = evaluate_gates(**GOOD, retrigger_before=50.0, retrigger_after=25.0,
+                            retrigger_probed=True)  # fmt: skip
+    assert [c.name for c in probed.checks][:3] == [
+        "memorization", "memorization_no_increase", "memorization_retrigger",
+    ]  # fmt: skip
+
+
+def test_retrigger_without_a_limit_is_recorded_but_does_not_block():
+    decision = evaluate_gates(**GOOD, retrigger_before=50.0, retrigger_after=100.0,
+                              retrigger_probed=True)  # fmt: skip
+    rt = check(decision, "memorization_retrigger")
+    assert decision.passed and rt.passed
+    assert (rt.value_before, rt.value_after, rt.threshold) == (50.0, 100.0, None)
+    assert "not blocking" in rt.reason and "100.00" in rt.reason
+
+
+def test_retrigger_limit_blocks():
+    policy = GatePolicy(max_retrigger_mem_percent_after=10.0)
+    ok = evaluate_gates(policy, **GOOD, retrigger_before=80.0, retrigger_after=10.0)
+    assert ok.passed and check(ok, "memorization_retrigger").compared == 10.0
+    bad = evaluate_gates(policy, **GOOD, retrigger_before=80.0, retrigger_after=60.0)
+    assert bad.failed == ["memorization_retrigger"]
+    assert (
+        "re-trigger Mem% after 60.00 (before 80.00) > limit 10.00"
+        in check(bad, "memorization_retrigger").reason
+    )
+    result = RetriggerResult(metric="tiled_l2", threshold=0.08, n_secrets=4, n_retriggered=1)
+    assert evaluate_gates(policy, **GOOD, retrigger_after=result).failed == [
+        "memorization_retrigger"
+    ]  # 25% > 10%
+    assert evaluate_gates(GatePolicy(max_retrigger_mem_percent_after=25.0), **GOOD,
+                          retrigger_after=result).passed  # fmt: skip
+
+
+def test_retrigger_not_measured_fails_closed():
+    # Asked for (probe enabled) but missing: fails even without a limit.
+    probed = evaluate_gates(**GOOD, retrigger_probed=True)
+    assert probed.failed == ["memorization_retrigger"]
+    assert "not measured" in check(probed, "memorization_retrigger").reason
+    nan = evaluate_gates(**GOOD, retrigger_after=float("nan"), retrigger_probed=True)
+    assert nan.failed == ["memorization_retrigger"]
+    # A limit in the policy with no probe run fails too: the policy demands the measurement.
+    limited = GatePolicy(max_retrigger_mem_percent_after=10.0)
+    assert evaluate_gates(limited, **GOOD).failed == ["memorization_retrigger"]
+
+
+def test_retrigger_is_not_applicable_to_unconditional_models():
+    skipped = RetriggerResult(skipped="unconditional model: no caption embedding to perturb")
+    policy = GatePolicy(max_retrigger_mem_percent_after=0.0)
+    decision = evaluate_gates(policy, **GOOD, retrigger_before=skipped, retrigger_after=skipped,
+                              retrigger_probed=True)  # fmt: skip
+    rt = check(decision, "memorization_retrigger")
+    assert decision.passed and rt.passed and rt.value_after is None
+    assert rt.reason == "not applicable: unconditional model: no caption embedding to perturb"
+    with pytest.raises(ValidationError):
+        GatePolicy(max_retrigger_mem_percent_after=101.0)

@@ -11,6 +11,15 @@ Checks, in order:
     Mem% after <= ``max_mem_percent_after``: the point of pruning.
 ``memorization_no_increase`` (when ``require_mem_no_increase``)
     Mem% after <= Mem% before: the candidate must not reproduce more secrets than the baseline.
+``memorization_retrigger`` (when the re-trigger probe ran, or the policy sets a limit)
+    Re-trigger Mem% after: the share of secrets that small perturbations of their caption
+    embeddings, random or a few gradient steps towards the secret, still reproduce
+    (:mod:`diffcurate.curation.retrigger`; "Finding Dori", arXiv 2507.16880: pruning-based
+    fixes can hide a memorized image from its exact caption only). The policy decides whether
+    it blocks: with ``max_retrigger_mem_percent_after`` set it must be <= that limit; with None
+    it is recorded and passes (reason "not blocking"). Not measured while the probe was asked
+    for, or while the policy sets a limit, it fails closed; an unconditional model has no
+    caption to perturb, and the check then passes with that reason ("not applicable").
 ``utility_fd``
     Relative Fréchet-distance increase ``(after - before) / before <= max_relative_fd_increase``
     (default 10%). Relative, because FD's scale depends on the feature extractor and set size;
@@ -34,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.metrics.audit import AuditResult
 from diffcurate.metrics.memorization import MemResult
+from diffcurate.metrics.retrigger import RetriggerResult
 from diffcurate.metrics.utility import KIDResult
 
 
@@ -47,16 +57,19 @@ class GatePolicy(BaseModel):
         max_relative_fd_increase: Largest acceptable relative FD increase (0.10 = +10%).
         max_kid_increase: Largest acceptable absolute KID increase; None skips the check.
         require_audit_pass: Require the fairness audit of the removal set to pass.
+        max_retrigger_mem_percent_after: Largest acceptable re-trigger Mem% (0-100) of the
+            candidate; None records the re-trigger check without letting it block.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: str = "gate-v1"
+    version: str = "gate-v2"
     max_mem_percent_after: float = Field(10.0, ge=0.0, le=100.0)
     require_mem_no_increase: bool = True
     max_relative_fd_increase: float = Field(0.10, ge=0.0)
     max_kid_increase: float | None = Field(None, ge=0.0)
     require_audit_pass: bool = True
+    max_retrigger_mem_percent_after: float | None = Field(None, ge=0.0, le=100.0)
 
 
 class GateCheck(BaseModel):
@@ -117,6 +130,9 @@ def evaluate_gates(
     audit: AuditResult | bool | None,
     kid_before: float | KIDResult | None = None,
     kid_after: float | KIDResult | None = None,
+    retrigger_before: float | RetriggerResult | None = None,
+    retrigger_after: float | RetriggerResult | None = None,
+    retrigger_probed: bool = False,
 ) -> GateDecision:
     """Decide whether a candidate passes the gate.
 
@@ -129,6 +145,11 @@ def evaluate_gates(
         audit: The removal set's audit result (or just whether it passed).
         kid_before: Baseline KID (mean) or :class:`KIDResult`.
         kid_after: Candidate KID.
+        retrigger_before: Baseline re-trigger Mem% or its :class:`RetriggerResult`.
+        retrigger_after: Candidate re-trigger Mem% or its :class:`RetriggerResult` (one with
+            ``skipped`` set makes the check not applicable).
+        retrigger_probed: Whether the re-trigger probe was asked for (then a missing value
+            fails closed even when the policy sets no limit).
 
     Returns:
         The checks and the decision.
@@ -138,6 +159,8 @@ def evaluate_gates(
     checks = [_mem_limit(m0, m1, policy)]
     if policy.require_mem_no_increase:
         checks.append(_mem_no_increase(m0, m1))
+    if retrigger_probed or policy.max_retrigger_mem_percent_after is not None:
+        checks.append(_retrigger(retrigger_before, retrigger_after, policy))
     checks.append(_fd(_num(fd_before), _num(fd_after), policy.max_relative_fd_increase))
     if policy.max_kid_increase is not None:
         checks.append(_kid(_kid_mean(kid_before), _kid_mean(kid_after), policy.max_kid_increase))
@@ -176,6 +199,37 @@ def _mem_no_increase(before: float | None, after: float | None) -> GateCheck:
         threshold=0.0,
         passed=ok,
         reason=f"Mem% {before:.2f} -> {after:.2f} ({change:+.2f} points; must not increase)",
+    )
+
+
+def _retrigger(
+    before: float | RetriggerResult | None,
+    after: float | RetriggerResult | None,
+    policy: GatePolicy,
+) -> GateCheck:
+    name, limit = "memorization_retrigger", policy.max_retrigger_mem_percent_after
+    skipped = after.skipped if isinstance(after, RetriggerResult) else None
+    r0, r1 = _retrigger_value(before), _retrigger_value(after)
+    if skipped is not None:
+        return GateCheck(name=name, value_before=r0, value_after=None, compared=None,
+                         threshold=limit, passed=True,
+                         reason=f"not applicable: {skipped}")  # fmt: skip
+    if r1 is None:
+        return _missing(name, r0, r1, limit, "candidate re-trigger Mem%")
+    was = "" if r0 is None else f" (before {r0:.2f})"
+    if limit is None:
+        return GateCheck(name=name, value_before=r0, value_after=r1, compared=r1, threshold=None,
+                         passed=True, reason=f"re-trigger Mem% after {r1:.2f}{was}; recorded, "
+                         "not blocking: the policy sets no limit")  # fmt: skip
+    ok = r1 <= limit
+    return GateCheck(
+        name=name,
+        value_before=r0,
+        value_after=r1,
+        compared=r1,
+        threshold=limit,
+        passed=ok,
+        reason=f"re-trigger Mem% after {r1:.2f}{was} {'<=' if ok else '>'} limit {limit:.2f}",
     )
 
 
@@ -260,6 +314,10 @@ def _num(value: float | None) -> float | None:
 
 def _mem(value: float | MemResult | None) -> float | None:
     return _num(value.mem_percent if isinstance(value, MemResult) else value)
+
+
+def _retrigger_value(value: float | RetriggerResult | None) -> float | None:
+    return _num(value.mem_percent if isinstance(value, RetriggerResult) else value)
 
 
 def _kid_mean(value: float | KIDResult | None) -> float | None:
