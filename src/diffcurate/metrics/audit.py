@@ -363,6 +363,18 @@ def _audit_attribute(
     )
 
 
+def independence_test(
+    table: np.ndarray, policy: AuditPolicy
+) -> tuple[Literal["chi2", "fisher"], float, int, float, float, list[str]]:
+    """The audit's test of independence on any ``r x 2`` contingency table.
+
+    Public for the other audits that reuse it (the generations audit tests ``group x {before,
+    after}``), so that one rule picks chi-square or Fisher everywhere. Returns ``(test, chi2,
+    dof, p_value, cramers_v, notes)``.
+    """
+    return _independence_test(table, policy)
+
+
 def _independence_test(
     table: np.ndarray, policy: AuditPolicy
 ) -> tuple[Literal["chi2", "fisher"], float, int, float, float, list[str]]:
