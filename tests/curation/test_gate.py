@@ -33,7 +33,7 @@ def test_good_candidate_passes_every_check():
     fd = check(decision, "utility_fd")
     assert (fd.value_before, fd.value_after, fd.threshold) == (10.0, 10.5, 0.10)
     assert fd.compared == pytest.approx(0.05)
-    assert decision.summary == "gate PASS under policy gate-v2"
+    assert decision.summary == "gate PASS under policy gate-v3"
 
 
 def test_memorization_limit():
@@ -115,7 +115,7 @@ def test_policy_is_frozen_and_validated():
     with pytest.raises(ValidationError):
         GatePolicy(max_mem_percent_after=150.0)
     dumped = evaluate_gates(**GOOD).model_dump()
-    assert dumped["policy"]["version"] == "gate-v2" and len(dumped["checks"]) == 4
+    assert dumped["policy"]["version"] == "gate-v3" and len(dumped["checks"]) == 4
 
 
 def test_retrigger_check_only_when_probed_or_limited():

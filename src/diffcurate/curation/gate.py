@@ -28,6 +28,14 @@ Checks, in order:
 ``utility_kid`` (when ``max_kid_increase`` is set)
     Absolute KID increase ``after - before <= max_kid_increase``. Absolute, because KID is
     unbiased and can be ~0 or negative, which makes a ratio meaningless.
+``generations_audit`` (when the generations were audited, or the policy requires it)
+    The fairness cost on generations: the original's and the candidate's generations (same
+    keyed noises and prompts) labelled with the same inferred attributes, and no group's share
+    may fall below ``min_share_ratio`` of what it was with a significant change
+    (:mod:`diffcurate.metrics.generations_audit`, whose policy holds that threshold). A
+    mitigation that erases a group from the model's outputs fails here even when its removal
+    set was balanced. Asked for but not measured (no attribute could be inferred), it fails
+    closed.
 ``audit`` (when ``require_audit_pass``)
     The fairness audit of the removal set passed; its violations are the reason otherwise.
 
@@ -42,6 +50,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.metrics.audit import AuditResult
+from diffcurate.metrics.generations_audit import GenerationsAuditResult
 from diffcurate.metrics.memorization import MemResult
 from diffcurate.metrics.retrigger import RetriggerResult
 from diffcurate.metrics.utility import KIDResult
@@ -57,18 +66,21 @@ class GatePolicy(BaseModel):
         max_relative_fd_increase: Largest acceptable relative FD increase (0.10 = +10%).
         max_kid_increase: Largest acceptable absolute KID increase; None skips the check.
         require_audit_pass: Require the fairness audit of the removal set to pass.
+        require_generations_audit: Require the generations audit even when a run did not ask
+            for it (then a run without it fails closed).
         max_retrigger_mem_percent_after: Largest acceptable re-trigger Mem% (0-100) of the
             candidate; None records the re-trigger check without letting it block.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: str = "gate-v2"
+    version: str = "gate-v3"
     max_mem_percent_after: float = Field(10.0, ge=0.0, le=100.0)
     require_mem_no_increase: bool = True
     max_relative_fd_increase: float = Field(0.10, ge=0.0)
     max_kid_increase: float | None = Field(None, ge=0.0)
     require_audit_pass: bool = True
+    require_generations_audit: bool = False
     max_retrigger_mem_percent_after: float | None = Field(None, ge=0.0, le=100.0)
 
 
@@ -133,6 +145,8 @@ def evaluate_gates(
     retrigger_before: float | RetriggerResult | None = None,
     retrigger_after: float | RetriggerResult | None = None,
     retrigger_probed: bool = False,
+    generations_audit: GenerationsAuditResult | None = None,
+    generations_audited: bool = False,
 ) -> GateDecision:
     """Decide whether a candidate passes the gate.
 
@@ -150,6 +164,9 @@ def evaluate_gates(
             ``skipped`` set makes the check not applicable).
         retrigger_probed: Whether the re-trigger probe was asked for (then a missing value
             fails closed even when the policy sets no limit).
+        generations_audit: The audit of both models' generations (None: not measured).
+        generations_audited: Whether the generations audit was asked for (then a missing
+            result fails closed).
 
     Returns:
         The checks and the decision.
@@ -164,6 +181,8 @@ def evaluate_gates(
     checks.append(_fd(_num(fd_before), _num(fd_after), policy.max_relative_fd_increase))
     if policy.max_kid_increase is not None:
         checks.append(_kid(_kid_mean(kid_before), _kid_mean(kid_after), policy.max_kid_increase))
+    if generations_audited or policy.require_generations_audit:
+        checks.append(_generations(generations_audit))
     if policy.require_audit_pass:
         checks.append(_audit(audit))
     failed = [c.name for c in checks if not c.passed]
@@ -267,6 +286,33 @@ def _kid(before: float | None, after: float | None, limit: float) -> GateCheck:
         threshold=limit,
         passed=ok,
         reason=f"KID {before:.4g} -> {after:.4g} ({change:+.4g}; max +{limit:.4g})",
+    )
+
+
+def _generations(result: GenerationsAuditResult | None) -> GateCheck:
+    name = "generations_audit"
+    if result is None:
+        return _missing(name, None, None, None, "generations audit (no inferred attribute)")
+    limit = result.policy.min_share_ratio
+    worst = None
+    for a in result.attributes:
+        if a.lowest_group is not None and a.lowest_share_ratio == result.lowest_share_ratio:
+            worst = next(g for g in a.groups if g.group == a.lowest_group)
+            break
+    if result.passed:
+        where = "" if worst is None else f" (lowest: '{worst.group}' x{worst.share_ratio:.2f})"
+        reason = (f"every group keeps its share of the generations{where}; attributes: "
+                  f"{', '.join(a.attribute for a in result.attributes)}")  # fmt: skip
+    else:
+        reason = "generations audit failed: " + "; ".join(result.violations)
+    return GateCheck(
+        name=name,
+        value_before=None if worst is None else worst.share_before,
+        value_after=None if worst is None else worst.share_after,
+        compared=result.lowest_share_ratio,
+        threshold=limit,
+        passed=result.passed,
+        reason=reason,
     )
 
 
