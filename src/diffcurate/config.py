@@ -91,6 +91,41 @@ class IngestSettings(BaseModel):
         return self
 
 
+class AttributeSettings(BaseModel):
+    """Inferred group attributes, for corpora without demographic metadata.
+
+    ``diffcurate audit-attributes`` computes them once per sample and stores them with the model
+    that produced them; the hygiene run audits them like metadata columns, and labels its
+    generations with the image-based ones (zero-shot and faces). Plain types here (the bottom
+    layer); :mod:`diffcurate.metrics.inferred_attributes` validates them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_shot: dict[str, list[str] | dict[str, str | list[str]]] = Field(
+        default_factory=dict,
+        description=(
+            "CLIP zero-shot attributes: name -> prompts (a list: each prompt is a group) or "
+            "group -> prompt(s). Needs clip.checkpoint."
+        ),
+    )
+    threshold: float = Field(
+        0.6, ge=0.0, lt=1.0,
+        description="Smallest best-group probability of a zero-shot label; below: 'uncertain'.",
+    )  # fmt: skip
+    logit_scale: float = Field(
+        100.0, gt=0.0, description="Multiplies CLIP cosines before the softmax (CLIP's own: 100)."
+    )
+    captions: dict[str, dict[str, str | list[str]]] = Field(
+        default_factory=dict,
+        description=(
+            "Caption-derived attributes: name -> group -> keywords (whole words, any case) or "
+            "'re:' regexes."
+        ),
+    )
+    faces: bool = Field(True, description="Count faces with the bundled detector (OpenCV Haar).")
+
+
 class Settings(BaseSettings):
     """All diffcurate settings. Construct with :func:`load_settings`."""
 
@@ -112,6 +147,7 @@ class Settings(BaseSettings):
     )
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    attributes: AttributeSettings = Field(default_factory=AttributeSettings)
 
     @classmethod
     def settings_customise_sources(

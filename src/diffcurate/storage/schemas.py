@@ -115,10 +115,30 @@ LATENTS = pa.schema(
     ]
 )
 
+# Group attributes inferred per sample (CLIP zero-shot, caption keywords, face counts), one row
+# per (attribute, sample), with what inferred them: the fairness audit of corpora without
+# demographic metadata (storage/attributes.py).
+INFERRED_ATTRIBUTES = pa.schema(
+    [
+        pa.field("attribute_id", pa.string(), nullable=False),  # f"{attribute}/{sample_id}"
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("value", pa.string(), nullable=False),  # the group label
+        pa.field("confidence", pa.float64()),  # zero-shot: best-group probability
+        pa.field("source", pa.string(), nullable=False),  # zero-shot | caption | faces
+        pa.field("model", pa.string(), nullable=False),  # what produced the value
+        pa.field("fingerprint", pa.string(), nullable=False),  # weights + settings digest
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("computed_at", _TS, nullable=False),
+    ]
+)
+
 TABLES: dict[str, tuple[pa.Schema, str]] = {
     "samples": (SAMPLES, "sample_id"),
     "quarantine": (QUARANTINE, "quarantine_id"),
     "duplicates": (DUPLICATES, "sample_id"),
     "scores": (SCORES, "score_id"),
     "latents": (LATENTS, "latent_id"),
+    "inferred_attributes": (INFERRED_ATTRIBUTES, "attribute_id"),
 }
