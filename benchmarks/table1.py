@@ -94,8 +94,8 @@ from diffcurate.influence.registry import (
     score_keys,
     sketch_function,
 )
+from diffcurate.mitigation import MitigationConfig, fresh_copy, mitigate
 from diffcurate.models.diffusion import DiffusionModel
-from diffcurate.models.mitigate import MitigationConfig, fresh_copy, mitigate
 from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.models.train import TrainConfig, train
@@ -327,7 +327,9 @@ def run_seed(args, seed: int, log, rows: list[Row], flush) -> None:
                 candidate = fresh_copy(reference, seed + 1)
                 train_recipe(candidate, corpus, kept, args, seed + 1)
             else:  # seed 000 §3.4: 1 epoch at lr 2e-6 from the reference weights
-                config = MitigationConfig(method="finetune", seed=seed, device=args.device)
+                config = MitigationConfig(
+                    method="finetune", epochs=1, lr=2e-6, seed=seed, device=args.device
+                )
                 candidate, _ = mitigate(reference, corpus.rows(kept), config)
             row = Row(seed, method, mitigation, len(flagged), len(corpus.keys) - len(kept),
                       recall, score_seconds=score_s,
@@ -432,9 +434,10 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """Corpus, recipe, scoring and measurement options (shared with ``mitigation.py``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--n-base", type=int, default=800, help="ordinary digits")
@@ -483,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CSV",
         help="train nothing: render the table, CSV and plot from these runs' table1.csv files",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)

@@ -151,17 +151,29 @@ def _fingerprint(images: torch.Tensor, *conditioning: torch.Tensor | None) -> st
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(n: int, seed: int, epoch: int, stream: str = "train") -> torch.Tensor:
     """The data order of one epoch (cached: consecutive steps share an epoch)."""
-    return torch.randperm(n, generator=keyed_generator(seed, "train", "epoch", epoch))
+    return torch.randperm(n, generator=keyed_generator(seed, stream, "epoch", epoch))
+
+
+def batch_indices(
+    n: int, batch_size: int, seed: int, step: int, stream: str = "train"
+) -> torch.Tensor:
+    """Indices of step ``step``'s batch: positions ``[step*B, (step+1)*B)`` of the epoch
+    sequence, where epoch e is a permutation of ``range(n)`` seeded by ``(seed, stream, e)``.
+
+    Shared with the mitigation loops, whose retain set walks the ``"train"`` stream exactly as
+    :func:`train` does and whose forget set walks a stream of its own.
+    """
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return torch.stack(
+        [_epoch_permutation(n, seed, pos // n, stream)[pos % n] for pos in positions]
+    )
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of step ``step``'s batch: positions ``[step*B, (step+1)*B)`` of the epoch
-    sequence, where epoch e is a permutation of ``range(n)`` seeded by ``(seed, e)``."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    return torch.stack([_epoch_permutation(n, seed, pos // n)[pos % n] for pos in positions])
+    return batch_indices(n, batch_size, seed, step)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
