@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffcurate.cli import app
+from diffcurate.curation.gate import GatePolicy
 from diffcurate.demo.photos import photo_samples
 from diffcurate.demo.writers import write_webdataset
 from diffcurate.models.diffusion import load_diffusion_model
@@ -132,3 +133,32 @@ def test_bad_checkpoints_fail_in_one_line_before_any_flow(t2i, tmp_path):
     res = invoke("run", "-d", "photos", "-m", pipe, "--dtype", "float16", "-w", ws)
     assert res.exit_code == 2 and "needs --device cuda" in res.output
     assert "Traceback" not in res.output
+
+
+def test_run_with_the_retrigger_probe_records_its_gate_check(t2i):
+    ws, pipe, made = t2i
+    res = invoke("run", "-d", "photos", "-m", pipe, "--scorer", "loss", "--fraction", 0.05,
+                 "--secrets", ",".join(made.exact_keys), "--heldout-dataset", "photos-heldout",
+                 "--mitigation", "finetune", "--lr", 1e-4, *GATE, "--retrigger",
+                 "--retrigger-probes", 1, "--retrigger-steps", 2, "--max-retrigger-mem", 100,
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code in (0, 1), res.output
+    ledger = Ledger(ws / "ledger.duckdb")
+    run = ledger.runs(kind="hygiene")[0]
+    stats = run.stats
+    assert run.params["measure"]["retrigger"]["enabled"] is True
+    rt = stats["retrigger"]
+    assert rt["skipped"] is None and rt["probes"] == ["random-0", "optimised"]
+    assert set(rt["per_secret"]) == set(stats["secrets"])
+    for phase in ("before", "after"):
+        value = stats[phase]["retrigger_mem_percent"]
+        assert value == rt["mem_percent"][phase] and 0.0 <= value <= 100.0
+        for s in rt["per_secret"].values():
+            assert s[phase]["n_generations"] == 2  # 2 probes x 1 generation
+            assert s[phase]["loss_optimised"] <= s[phase]["loss_plain"]
+    checks = {c["name"]: c for c in ledger.gate_checks(run.run_id)}
+    check = checks["memorization_retrigger"]
+    assert check["passed"] and check["threshold"] == 100.0
+    assert check["value_after"] == stats["after"]["retrigger_mem_percent"]
+    assert check["policy_version"] == GatePolicy().version
+    assert "re-trigger Mem%" in res.output

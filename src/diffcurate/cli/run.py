@@ -57,6 +57,31 @@ MemRuleOpt = Annotated[
         "nearest training images < tau)."
     ),
 ]
+RetriggerOpt = Annotated[
+    bool,
+    typer.Option(
+        help="T2I models: also measure re-trigger Mem% (Finding Dori): each secret's caption "
+        "embedding perturbed at random and by a few gradient steps towards the secret."
+    ),
+]
+RetriggerProbesOpt = Annotated[
+    int, typer.Option(help="Re-trigger probe: random perturbations per secret.")
+]
+RetriggerSigmaOpt = Annotated[
+    float, typer.Option(help="Re-trigger probe: random perturbation radius, relative to ||e||.")
+]
+RetriggerStepsOpt = Annotated[
+    int, typer.Option(help="Re-trigger probe: gradient steps towards the secret (0: none).")
+]
+RetriggerLrOpt = Annotated[
+    float, typer.Option(help="Re-trigger probe: step length, relative to ||e||.")
+]
+RetriggerRhoOpt = Annotated[
+    float, typer.Option(help="Re-trigger probe: radius of the optimised perturbation vs ||e||.")
+]
+RetriggerGensOpt = Annotated[
+    int, typer.Option(help="Re-trigger probe: generations from each probed embedding.")
+]
 
 
 def run_hygiene(
@@ -129,6 +154,19 @@ def run_hygiene(
     guidance_scale: GuidanceOpt = 7.5,
     generations_per_secret: PerSecretOpt = 8,
     inference_steps: GateStepsOpt = 50,
+    retrigger: RetriggerOpt = False,
+    retrigger_probes: RetriggerProbesOpt = 4,
+    retrigger_sigma: RetriggerSigmaOpt = 0.05,
+    retrigger_steps: RetriggerStepsOpt = 10,
+    retrigger_lr: RetriggerLrOpt = 0.02,
+    retrigger_rho: RetriggerRhoOpt = 0.1,
+    retrigger_generations: RetriggerGensOpt = 1,
+    max_retrigger_mem: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate: max re-trigger Mem% after mitigation [default: recorded, not blocking]."
+        ),
+    ] = None,
     seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     variant: VariantOpt = None,
@@ -165,6 +203,8 @@ def run_hygiene(
         measure = _measure_config(
             generations, seed, device, mem_tau, mem_calibrate_fpr, mem_rule, guidance_scale,
             generations_per_secret, inference_steps,
+            _retrigger_config(retrigger, retrigger_probes, retrigger_sigma, retrigger_steps,
+                              retrigger_lr, retrigger_rho, retrigger_generations, seed),
         )  # fmt: skip
         flag = (
             FlagPolicy(mode="threshold", threshold=threshold, fairness_cap=fairness_cap)
@@ -184,7 +224,8 @@ def run_hygiene(
                                         retrain_steps=retrain_steps, seed=seed, device=device),
             secrets=secret_list(secrets), heldout_dataset=heldout_dataset, measure=measure,
             gate=GatePolicy(max_mem_percent_after=max_mem,
-                            max_relative_fd_increase=max_fd_increase),
+                            max_relative_fd_increase=max_fd_increase,
+                            max_retrigger_mem_percent_after=max_retrigger_mem),
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
         raise fail(str(e)) from e
@@ -241,6 +282,13 @@ def evaluate(
     guidance_scale: GuidanceOpt = 7.5,
     generations_per_secret: PerSecretOpt = 8,
     inference_steps: GateStepsOpt = 50,
+    retrigger: RetriggerOpt = False,
+    retrigger_probes: RetriggerProbesOpt = 4,
+    retrigger_sigma: RetriggerSigmaOpt = 0.05,
+    retrigger_steps: RetriggerStepsOpt = 10,
+    retrigger_lr: RetriggerLrOpt = 0.02,
+    retrigger_rho: RetriggerRhoOpt = 0.1,
+    retrigger_generations: RetriggerGensOpt = 1,
     seed: MitigationSeedOpt = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     variant: VariantOpt = None,
@@ -270,6 +318,8 @@ def evaluate(
         measure = _measure_config(
             generations, seed, device, mem_tau, mem_calibrate_fpr, mem_rule, guidance_scale,
             generations_per_secret, inference_steps,
+            _retrigger_config(retrigger, retrigger_probes, retrigger_sigma, retrigger_steps,
+                              retrigger_lr, retrigger_rho, retrigger_generations, seed),
         )  # fmt: skip
         names = list(dict.fromkeys(s.strip() for s in scorers.split(",") if s.strip()))
         flag = (
@@ -304,7 +354,9 @@ def evaluate(
     t = Table(title=safe(title))
     t.add_column("scorer", no_wrap=True)
     t.add_column("mitigation", no_wrap=True)
-    for name in ("removed images/samples", "secrets removed", "Mem%", "FD (vs none)", "KID",
+    probed = any(r.retrigger_mem_percent is not None for r in summary.rows)
+    for name in ("removed images/samples", "secrets removed", "Mem%",
+                 *(["re-trigger Mem%"] if probed else []), "FD (vs none)", "KID",
                  "score s"):  # fmt: skip
         t.add_column(name, justify="right")
     control = {r.mitigation: r for r in summary.rows if r.scorer == NO_PRUNING}
@@ -315,12 +367,18 @@ def evaluate(
         t.add_row(r.scorer, r.mitigation,
                   f"{r.flagged_images}/{r.removed_samples}" if pruned else "",
                   f"{r.secrets_removed}/{len(summary.secrets)}" if pruned else "",
-                  f"{r.mem_percent:.1f}", f"{r.fd:.4g}{rel}", f"{r.kid:.4g}",
+                  f"{r.mem_percent:.1f}",
+                  *([_pct(r.retrigger_mem_percent)] if probed else []),
+                  f"{r.fd:.4g}{rel}", f"{r.kid:.4g}",
                   f"{r.score_seconds:.1f}" if pruned else "")  # fmt: skip
     out.print(t)
     out.print("controls: 'original' = the model as given; 'none' = the mitigation on every "
               "sample (no pruning): compare each scorer's row with the 'none' row of its "
               "mitigation.")  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _measure_config(
@@ -333,6 +391,7 @@ def _measure_config(
     guidance_scale: float,
     generations_per_secret: int,
     inference_steps: int,
+    retrigger=None,  # RetriggerConfig | None (imported lazily)
 ):  # -> MeasureConfig (imported lazily)
     """The gate's measurement settings, shared by `run` and `eval`."""
     from diffcurate.curation.measure import MeasureConfig
@@ -344,8 +403,26 @@ def _measure_config(
         generations=generations, seed=seed, device=device, rule=mem_rule,
         memorization=MemorizationPolicy(threshold=mem_tau), calibrate_fpr=mem_calibrate_fpr,
         guidance_scale=guidance_scale, generations_per_secret=generations_per_secret,
-        inference_steps=inference_steps,
+        inference_steps=inference_steps, **({} if retrigger is None else {"retrigger": retrigger}),
     )  # fmt: skip
+
+
+def _retrigger_config(
+    enabled: bool,
+    probes: int,
+    sigma: float,
+    steps: int,
+    lr: float,
+    rho: float,
+    generations: int,
+    seed: int,
+):  # -> RetriggerConfig (imported lazily)
+    """The gate's re-trigger probe settings, shared by `run` and `eval`."""
+    from diffcurate.models.retrigger import RetriggerConfig
+
+    return RetriggerConfig(enabled=enabled, random_probes=probes, sigma=sigma, opt_steps=steps,
+                           lr=lr, rho=rho, generations_per_probe=generations,
+                           seed=seed)  # fmt: skip
 
 
 def _print_hygiene(summary) -> None:
@@ -399,6 +476,13 @@ def _print_hygiene(summary) -> None:
     g = Table("measure", "before", "after", title="memorization and utility")
     for key, label in (("mem_percent", "Mem%"), ("fd", "FD"), ("kid", "KID")):
         g.add_row(label, f"{summary.before[key]:.4g}", f"{summary.after[key]:.4g}")
+    rt = summary.retrigger
+    if rt is not None and rt.get("skipped"):
+        g.add_row("re-trigger Mem%", "skipped", safe(rt["skipped"]))
+    elif rt is not None:
+        fmt_rt = lambda v: "not measured" if v is None else f"{v:.4g}"  # noqa: E731
+        g.add_row("re-trigger Mem% (perturbed captions)", fmt_rt(rt["mem_percent"]["before"]),
+                  fmt_rt(rt["mem_percent"]["after"]))  # fmt: skip
     closest = [(v["before"], v["after"]) for v in summary.per_secret.values()
                if v["before"] is not None and v["after"] is not None]  # fmt: skip
     if closest:

@@ -94,6 +94,9 @@ class EvalRow(BaseModel):
     mem_percent: float
     fd: float
     kid: float
+    retrigger_mem_percent: float | None = Field(
+        None, description="Re-trigger Mem% (perturbed captions), when the probe ran."
+    )
     score_seconds: float = 0.0
     mitigate_seconds: float = 0.0
 
@@ -123,8 +126,9 @@ class EvalSummary(BaseModel):
 
 
 def _row(scorer: str, mitigation: str, m: ModelMeasurement, **kw: object) -> EvalRow:
+    retrigger = None if m.retrigger is None else m.retrigger.mem_percent
     return EvalRow(scorer=scorer, mitigation=mitigation, mem_percent=m.mem.mem_percent,
-                   fd=m.fd, kid=m.kid.mean, **kw)  # fmt: skip
+                   fd=m.fd, kid=m.kid.mean, retrigger_mem_percent=retrigger, **kw)  # fmt: skip
 
 
 @flow(name="eval", validate_parameters=True)

@@ -36,6 +36,7 @@ from diffcurate.curation.flag import FlagPolicy, FlagResult, select_removals
 from diffcurate.curation.gate import GateDecision, GatePolicy, evaluate_gates
 from diffcurate.curation.groups import GroupBy, collapse_groups
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement, measure_model
+from diffcurate.curation.retrigger import measure_retrigger
 from diffcurate.flows.gate_inputs import (
     GateImages,
     caption_embeddings,
@@ -143,6 +144,11 @@ class HygieneSummary(BaseModel):
         description="Share of held-out (reference) images the rule counts as reconstructed.",
     )
     guidance_scale: float | None = None
+    retrigger: dict[str, Any] | None = Field(
+        None,
+        description="Re-trigger probe (perturbed caption embeddings): before/after results with "
+        "per-secret details, or why it was skipped; None when the probe was off.",
+    )
     geometry: dict[str, Any] = Field(
         default_factory=dict, description="Images cropped / upscaled / padded to fit the model."
     )
@@ -202,13 +208,22 @@ def measure_task(
     tau: float | None = None,
 ) -> ModelMeasurement:
     """Measure ``model`` on the gate's images; the reference images also calibrate τ (when
-    ``config.calibrate_fpr`` is set) and give the held-out false-positive rate."""
-    return measure_model(
+    ``config.calibrate_fpr`` is set) and give the held-out false-positive rate. With
+    ``config.retrigger.enabled`` the re-trigger probe runs too, judged by the same rule and τ."""
+    measured = measure_model(
         model, images.secrets, images.secret_ids, images.reference, config, images.secret_cond,
         images.reference_cond, save_closest_to, tau=tau, calibration_images=images.reference,
         calibration_conditioning=images.reference_cond, unconditional=images.unconditional,
         neighbours=images.neighbours,
     )  # fmt: skip
+    if not config.retrigger.enabled:
+        return measured
+    policy = config.policy_for(model).model_copy(update={"threshold": measured.mem.threshold})
+    probed = measure_retrigger(
+        model, images.secrets, images.secret_ids, images.secret_cond, config, policy,
+        unconditional=images.unconditional, neighbours=images.neighbours,
+    )  # fmt: skip
+    return measured.model_copy(update={"retrigger": probed})
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -226,8 +241,32 @@ def auto_attributes(frame: pd.DataFrame) -> list[str]:
 
 
 def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
-    return {"mem_percent": m.mem.mem_percent, "fd": m.fd, "kid": m.kid.mean,
-            "kid_std": m.kid.std}  # fmt: skip
+    stats = {"mem_percent": m.mem.mem_percent, "fd": m.fd, "kid": m.kid.mean,
+             "kid_std": m.kid.std}  # fmt: skip
+    if m.retrigger is not None and m.retrigger.mem_percent is not None:
+        stats["retrigger_mem_percent"] = m.retrigger.mem_percent
+    return stats
+
+
+def retrigger_stats(before: ModelMeasurement, after: ModelMeasurement) -> dict[str, Any] | None:
+    """The re-trigger probe's results for the summary and the dashboard (None: probe off)."""
+    b, a = before.retrigger, after.retrigger
+    last = a if a is not None else b
+    if last is None:
+        return None
+    per_secret: dict[str, dict[str, Any]] = {}
+    for phase, result in (("before", b), ("after", a)):
+        for s in [] if result is None else result.secrets:
+            per_secret.setdefault(s.secret_id, {})[phase] = s.model_dump(mode="json")
+    return {
+        "skipped": last.skipped,
+        "mem_percent": {"before": None if b is None else b.mem_percent,
+                        "after": None if a is None else a.mem_percent},
+        "seconds": {"before": None if b is None else b.seconds,
+                    "after": None if a is None else a.seconds},
+        "probes": last.probes,
+        "per_secret": per_secret,
+    }  # fmt: skip
 
 
 def needs_neighbours(config: MeasureConfig, model: DiffusionModel) -> bool:
@@ -381,6 +420,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         clock.lap("measure after")
         summary.gate_images = str(gate_dir)
         summary.before, summary.after = _measurement_stats(before), _measurement_stats(after)
+        summary.retrigger = retrigger_stats(before, after)
         summary.per_secret = {
             b.secret_id: {"before": b.best_value, "after": a.best_value}
             for b, a in zip(before.mem.secrets, after.mem.secrets, strict=True)
@@ -388,7 +428,8 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         decision: GateDecision = evaluate_gates(
             params.gate, mem_before=before.mem, mem_after=after.mem, fd_before=before.fd,
             fd_after=after.fd, audit=audit if audit is not None else True,
-            kid_before=before.kid, kid_after=after.kid,
+            kid_before=before.kid, kid_after=after.kid, retrigger_before=before.retrigger,
+            retrigger_after=after.retrigger, retrigger_probed=params.measure.retrigger.enabled,
         )  # fmt: skip
         inputs = {"secrets": secret_ids, "secrets_source": summary.secrets_source,
                   "reference": summary.reference, "measure": params.measure.model_dump(mode="json"),
