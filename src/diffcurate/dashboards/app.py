@@ -344,7 +344,7 @@ def create_app(
         for s in secrets:
             s["reconstructed"] = {p: _reconstructed(s[p], tau) for p in ("before", "after")}
         return page(request, "gates.html", run=run, stats=stats, checks=checks, charts=charts,
-                    secrets=secrets, tau=tau, tab="gates",
+                    secrets=secrets, tau=tau, retrigger=_retrigger_view(stats), tab="gates",
                     **_release_ctx(data, stats.get("release_tag")))  # fmt: skip
 
     @app.get("/releases")
@@ -522,13 +522,14 @@ def _gate_chart_ref(check: dict[str, Any]) -> tuple[float | None, str] | None:
     """Where a gate's limit lies in the units of its before/after values (None: no chart).
 
     ``utility_fd`` limits the relative increase, ``utility_kid`` the absolute one,
-    ``memorization`` the Mem% after; the audit and no-increase checks are read from the table.
+    ``memorization`` and ``memorization_retrigger`` the (re-trigger) Mem% after; the audit and
+    no-increase checks are read from the table.
     """
     before, threshold = check["value_before"], check["threshold"]
     if check["value_before"] is None and check["value_after"] is None:
         return None
     name = check["name"]
-    if name == "memorization" and threshold is not None:
+    if name in ("memorization", "memorization_retrigger") and threshold is not None:
         return threshold, "limit"
     if name == "utility_fd" and before is not None and threshold is not None:
         return before * (1 + threshold), f"limit (+{100 * threshold:.0f}%)"
@@ -566,6 +567,24 @@ def _mem_rule(run: RunRecord) -> dict[str, Any]:
         "heldout_fpr": {k: v for k, v in (stats.get("heldout_fpr") or {}).items()
                         if v is not None},
     }  # fmt: skip
+
+
+def _retrigger_view(stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The re-trigger probe's results for the gates page (None: the run did not probe).
+
+    Per secret and phase: re-triggered or not, by which probes, its closest probed generation
+    and the denoising loss of the secret under its caption and under the optimised probe (how
+    far the search got towards it).
+    """
+    rt = stats.get("retrigger")
+    if not isinstance(rt, dict):
+        return None
+    rows = []
+    for sid, phases in list((rt.get("per_secret") or {}).items())[:200]:
+        rows.append({"id": sid, **{p: phases.get(p) for p in ("before", "after")}})
+    return {"skipped": rt.get("skipped"), "mem_percent": rt.get("mem_percent") or {},
+            "probes": rt.get("probes") or [], "seconds": rt.get("seconds") or {},
+            "secrets": rows}  # fmt: skip
 
 
 def _reconstructed(value: float | None, rule: dict[str, Any]) -> bool | None:
