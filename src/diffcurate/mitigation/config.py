@@ -32,7 +32,9 @@ class MitigationConfig(BaseModel):
         forget_cap: Cap on the forget-set loss the ascent may reach (``gradient-ascent``); 1.0
             is the loss of a model that predicts nothing (the target's variance).
         erase_inner_steps: EraseDiff: gradient steps approximating the forgetting optimum.
-        erase_inner_lr: EraseDiff: their learning rate.
+        erase_inner_lr: EraseDiff: their (plain SGD) learning rate. It must be large enough
+            for ``φ_K`` to move: with a tiny step ``∇f(φ_K) ≈ ∇f(θ)``, ``∇q`` vanishes and the
+            update never forgets.
         erase_eta: EraseDiff: the value-function update's η (how fast the constraint must
             shrink relative to its gradient).
         layer_coverage: ``layer-finetune``: fine-tune the fewest layers that hold this share of
@@ -63,7 +65,7 @@ class MitigationConfig(BaseModel):
     forget_weight: float = Field(1.0, gt=0)
     forget_cap: float = Field(1.0, gt=0)
     erase_inner_steps: int = Field(1, ge=1)
-    erase_inner_lr: float = Field(1e-3, gt=0)
+    erase_inner_lr: float = Field(0.1, gt=0)
     erase_eta: float = Field(0.1, ge=0)
     layer_coverage: float = Field(0.5, gt=0, le=1)
     layer_probe_samples: int = Field(32, ge=1)

@@ -72,7 +72,7 @@ def erasediff_step(loop: FineTuneLoop, step: int) -> tuple[float, float]:
     multipliers = loop.detail.setdefault("lambda", [])
     assert isinstance(multipliers, list)
     multipliers.append(lam)
-    return float(retain), float(forget)
+    return float(retain.detach()), float(forget.detach())
 
 
 class EraseDiff:

@@ -31,7 +31,7 @@ def capped_ascent_step(loop: FineTuneLoop, step: int) -> tuple[float, float]:
     forget = loop.loss(loop.forget_batch(step))
     total = retain - cfg.forget_weight * torch.clamp(forget, max=cfg.forget_cap)
     total.backward()
-    return float(retain), float(forget)
+    return float(retain.detach()), float(forget.detach())
 
 
 class GradientAscent:
