@@ -18,10 +18,11 @@ gate conditions on) and diffusion-space target ``x0`` (pixels, or VAE latents):
   ``E_{t, eps} || f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, e + delta) - target ||^2``
   (:class:`~diffcurate.influence.objective.DiffusionObjective`: ε or v target as the model
   predicts), step s of length ``lr * ||e|| * (1 - s / opt_steps)`` and ``delta`` projected
-  back onto the L2 ball of radius ``rho * ||e||``; the iterate with the lowest loss on fixed
-  evaluation draws is the probe. Normalised steps, because a memorization circuit that pruning
-  has switched off can leave only a vanishing gradient at ``e`` (a saturated gate), where a
-  plain gradient step barely moves; the step length is what the ball bounds anyway.
+  back onto the L2 ball of radius ``rho * ||e||``; the iterate (after at least one step) with
+  the lowest loss on fixed evaluation draws is the probe. Normalised steps, because a
+  memorization circuit that pruning has switched off can leave only a vanishing gradient at
+  ``e`` (a saturated gate), where a plain gradient step barely moves; the step length is what
+  the ball bounds anyway.
 
 Every draw (the random directions, each step's (t, ε)) is keyed by ``(seed, secret id)``
 (:mod:`diffcurate.keyed`), so the model before and after mitigation get the same random probes
@@ -224,7 +225,10 @@ def optimise_delta(
         delta = torch.zeros_like(base)
         with torch.no_grad():
             before = float(loss_at(delta, "eval"))
-        best, after = delta, before
+        # The probe is a perturbation: the best iterate after at least one step, even when the
+        # caption itself scores lower. Only a zero gradient (a prediction that ignores the
+        # conditioning, or a saturated one) leaves delta = 0.
+        best, after, stepped = delta, before, False
         for s in range(config.opt_steps):
             d = delta.detach().requires_grad_(True)
             loss = loss_at(d, f"step-{s}")
@@ -241,8 +245,8 @@ def optimise_delta(
                 delta = delta * (radius / size)
             with torch.no_grad():
                 current = float(loss_at(delta, "eval"))
-            if current < after:
-                best, after = delta, current
+            if not stepped or current < after:
+                best, after, stepped = delta, current, True
     finally:
         for p in params:
             p.requires_grad_(True)
