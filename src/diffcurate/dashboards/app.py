@@ -306,8 +306,11 @@ def create_app(
                 highlight=[limit is not None and r > limit + 1e-12 for r in rates],
                 title=f"removal rate by {a['attribute']}",
             ))  # fmt: skip
+        generations, gen_charts = _generations_view(run.stats.get("generations_audit"))
         return page(request, "audit.html", run=run, stats=run.stats, audits=rows,
                     charts=charts, tests=tests, why=why, ratio=ratio, alpha=alpha, tab="audit",
+                    unit=_audit_unit(run.stats, rows), generations=generations,
+                    gen_charts=gen_charts,
                     **_release_ctx(data, run.stats.get("release_tag")))  # fmt: skip
 
     @app.get("/runs/{run_id}/gates")
@@ -608,6 +611,34 @@ def _dependence_chart(summary: dict[str, Any], alpha: float):
         highlight=[False, bool(summary.get("dependence_violation"))],
         title=f"dependence test ({summary.get('test', '?')})",
     )  # fmt: skip
+
+
+def _audit_unit(stats: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The audit's counting unit and counts (None for runs recorded before units existed)."""
+    counts = stats.get("audit_counts") or {}
+    unit = stats.get("audit_unit") or next(
+        (r["summary"].get("unit") for r in rows if r["summary"].get("unit")), None
+    )
+    if unit is None:
+        return None
+    return {"unit": unit, "images": counts.get("images"), "samples": counts.get("samples"),
+            "other": "samples" if unit == "images" else "images"}  # fmt: skip
+
+
+def _generations_view(audit: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list]:
+    """The generations audit and one chart per attribute: share before vs after per group."""
+    if not audit or audit.get("result") is None:
+        return audit, []
+    charts = []
+    for a in audit["result"]["attributes"]:
+        groups = a["groups"]
+        charts.append(plots.hbars(
+            [f"{g['group']} ({g['n_before']} → {g['n_after']})" for g in groups],
+            [plots.Series("original", [g["share_before"] for g in groups], plots.BEFORE),
+             plots.Series("candidate", [g["share_after"] for g in groups], plots.AFTER)],
+            percent=True, title=f"share of generations by {a['attribute']}",
+        ))  # fmt: skip
+    return audit, charts
 
 
 def _audit_reasons(audit: dict[str, Any], ratio: float, alpha: float, min_v: float) -> list[str]:
