@@ -6,7 +6,8 @@ instant and ``PREFECT_HOME`` points into the workspace before Prefect loads.
 
 Modules: :mod:`.common` (consoles, settings, errors, shared options), :mod:`.ingest`,
 :mod:`.score` (score, attribute), :mod:`.train` (train, sample), :mod:`.run` (run, eval),
-:mod:`.demo`, :mod:`.info` (runs, scores, quarantine, datasets, config), :mod:`.release`,
+:mod:`.attributes` (audit-attributes), :mod:`.demo`, :mod:`.info` (runs, scores, quarantine,
+datasets, config), :mod:`.release`,
 :mod:`.users` (users, serve) and :mod:`.deploy`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from diffcurate.cli import demo, info, ingest, run, score, train
+from diffcurate.cli import attributes, demo, info, ingest, run, score, train
 from diffcurate.cli.common import CliGroup
 from diffcurate.cli.deploy import deploy_app
 from diffcurate.cli.release import release_app
@@ -43,6 +44,7 @@ app.command("train")(train.train)
 app.command("sample")(train.sample)
 app.command("run")(run.run_hygiene)
 app.command("eval")(run.evaluate)
+app.command("audit-attributes")(attributes.audit_attributes)
 app.command("demo-corpus")(demo.demo_corpus)
 app.command("runs")(info.runs)
 app.command("quarantine")(info.quarantine)
