@@ -162,3 +162,13 @@ def test_run_with_the_retrigger_probe_records_its_gate_check(t2i):
     assert check["value_after"] == stats["after"]["retrigger_mem_percent"]
     assert check["policy_version"] == GatePolicy().version
     assert "re-trigger Mem%" in res.output
+
+    # eval measures it for every row too, with the same options.
+    res = invoke("eval", "-d", "photos", "-m", pipe, "--secrets", ",".join(made.exact_keys),
+                 "--scorers", "loss", "--fraction", 0.05, "--heldout-dataset", "photos-heldout",
+                 *GATE, "--retrigger", "--retrigger-probes", 1, "--retrigger-steps", 1,
+                 "-w", ws)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = ledger.runs(kind="eval")[0].stats["rows"]
+    assert len(rows) == 3 and all(0 <= r["retrigger_mem_percent"] <= 100 for r in rows)
+    assert "re-t" in res.output  # the column (its header is cut in an 80-column terminal)
