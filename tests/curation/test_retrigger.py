@@ -38,7 +38,10 @@ CONFIG = MeasureConfig(generations=4, generations_per_secret=2, inference_steps=
 
 
 class TriggerUNet(UNet2DConditionModel):
-    """Exact denoiser of the point mass ``x0(e)`` (see the module docstring)."""
+    """Exact denoiser of the point mass ``x0(e)`` (see the module docstring); predicts ε, or v
+    with ``v_prediction``."""
+
+    v_prediction = False
 
     def plant(
         self, secret: torch.Tensor, other: torch.Tensor, trigger: torch.Tensor | None,
@@ -62,7 +65,10 @@ class TriggerUNet(UNet2DConditionModel):
         a = self.alphas[t].to(sample)[:, None, None, None]
         w = self.weight(encoder_hidden_states).to(sample)[:, None, None, None]
         x0 = w * self.secret + (1 - w) * self.other
-        return UNet2DConditionOutput(sample=(sample - a.sqrt() * x0) / (1 - a).sqrt())
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+        if self.v_prediction:  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+            return UNet2DConditionOutput(sample=a.sqrt() * eps - (1 - a).sqrt() * x0)
+        return UNet2DConditionOutput(sample=eps)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +87,15 @@ def world() -> dict[str, torch.Tensor]:
             "reference": pix[100:104], "ref_caps": caps[2:]}  # fmt: skip
 
 
-def build(w: dict[str, torch.Tensor], trigger: bool = True) -> DiffusionModel:
-    scheduler = SchedulerConfig().build()
+def build(w: dict[str, torch.Tensor], trigger: bool = True, v: bool = False) -> DiffusionModel:
+    scheduler = SchedulerConfig(prediction_type="v_prediction" if v else "epsilon").build()
     unet = TriggerUNet(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                        block_out_channels=(4,), down_block_types=("CrossAttnDownBlock2D",),
                        up_block_types=("CrossAttnUpBlock2D",), norm_num_groups=2,
                        cross_attention_dim=DIM, attention_head_dim=2).double()  # fmt: skip
     unet.plant(w["secrets"][0], w["other"], w["trigger"] if trigger else None,
                scheduler.alphas_cumprod)  # fmt: skip
+    unet.v_prediction = v
     return DiffusionModel(unet=unet, scheduler=scheduler)
 
 
@@ -113,9 +120,10 @@ def test_the_planted_model_is_what_the_test_says(world):
     assert PROBE.sigma < math.sin(ANGLE - CONE)
 
 
-def test_probe_finds_the_secret_plain_prompting_misses(world):
+@pytest.mark.parametrize("v", [False, True], ids=["epsilon", "v_prediction"])
+def test_probe_finds_the_secret_plain_prompting_misses(world, v):
     started = time.perf_counter()
-    m, rt = probe(build(world), world)
+    m, rt = probe(build(world, v=v), world)
     seconds = time.perf_counter() - started
     assert m.mem.mem_percent == 0.0  # plain prompting: nothing reconstructed
     assert [s.reconstructed for s in m.mem.secrets] == [False, False]
