@@ -17,7 +17,7 @@ T2I_BATCH ?= 32
 T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
 T2I_SCORER ?= trace
 
-.PHONY: setup test test-slow test-all demo demo-t2i bench-table1 bench-lds bench-t2i lint format clean
+.PHONY: setup test test-slow test-all demo demo-t2i bench-table1 bench-mitigation bench-lds bench-t2i lint format clean
 
 setup: $(STAMP)
 
@@ -81,6 +81,10 @@ BENCH_ARGS ?=
 bench-table1: setup
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/table1.py $(BENCH_ARGS)
+
+bench-mitigation: setup
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) benchmarks/mitigation.py $(BENCH_ARGS)
 
 bench-lds: setup
 	$(PY) benchmarks/lds.py $(BENCH_ARGS)

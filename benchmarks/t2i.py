@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         planted_recall_and_rank,
         top_k_for_fraction,
     )
-    from diffcurate.models.mitigate import MitigationConfig
+    from diffcurate.mitigation import MitigationConfig
     from diffcurate.storage.lance_store import LanceStore
 
     ws = Path(args.workspace)

@@ -28,7 +28,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"flows", "attribution", "deployments"}),
     frozenset({"tasks"}),
     # demo writes synthetic corpora and imports nothing of diffcurate.
-    frozenset({"curation", "storage", "models", "influence", "metrics", "ingest", "demo"}),
+    frozenset(
+        {"curation", "storage", "models", "mitigation", "influence", "metrics", "ingest", "demo"}
+    ),
     # The bottom layer: settings, the workspace layout, keyed RNG, content digests.
     frozenset({"", "config", "workspace", "keyed", "digests"}),
 )
@@ -40,6 +42,8 @@ PEERS: dict[str, tuple[str, ...]] = {
     # Curation decides on measured data: it reads metrics, generates with models, records in
     # storage.
     "curation": ("metrics", "models", "storage"),
+    # Mitigation trains the models it is given and locates risk with the influence scorers.
+    "mitigation": ("models", "influence"),
     # Ingestion embeds with CLIP (models) and writes the sample tables (storage).
     "ingest": ("models", "storage"),
     # Training minimises the diffusion objective the scorers differentiate: one definition of

@@ -39,8 +39,8 @@ def real_run(tmp_path_factory, digit_files, prefect_harness):
     from diffcurate.curation.measure import MeasureConfig
     from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
     from diffcurate.influence.registry import ScorerSpec
+    from diffcurate.mitigation import MitigationConfig
     from diffcurate.models.diffusion import save_diffusion_model
-    from diffcurate.models.mitigate import MitigationConfig
     from diffcurate.models.reference import reference_model
     from workspaces import ingest_samples
 

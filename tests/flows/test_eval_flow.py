@@ -12,9 +12,9 @@ from diffcurate.flows.evaluate import EvalParams, eval_flow
 from diffcurate.flows.hygiene import duplicate_group_of
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.memorization import MemorizationPolicy
+from diffcurate.mitigation import MitigationConfig
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import images_for_unet
-from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.models.reference import reference_model
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger

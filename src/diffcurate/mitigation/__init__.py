@@ -22,13 +22,13 @@ import torch
 from diffcurate.mitigation import erasediff, finetune, gradient_ascent, layer_targeted, retrain
 from diffcurate.mitigation.base import (
     Mitigation,
+    MitigationConfig,
     MitigationData,
     MitigationResult,
     get_mitigation,
     mitigation_names,
     register_mitigation,
 )
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.mitigation.retrain import fresh_copy
 from diffcurate.models.diffusion import DiffusionModel
 

@@ -28,12 +28,12 @@ import torch
 
 from diffcurate.keyed import keyed_generator
 from diffcurate.mitigation.base import (
+    MitigationConfig,
     MitigationData,
     MitigationResult,
     copy_of,
     register_mitigation,
 )
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.mitigation.loop import FineTuneLoop
 from diffcurate.models.diffusion import DiffusionModel
 

@@ -10,12 +10,12 @@ whose values ``benchmarks/mitigation.py`` sweeps and reports.
 from __future__ import annotations
 
 from diffcurate.mitigation.base import (
+    MitigationConfig,
     MitigationData,
     MitigationResult,
     copy_of,
     register_mitigation,
 )
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.mitigation.loop import FineTuneLoop
 from diffcurate.models.diffusion import DiffusionModel
 

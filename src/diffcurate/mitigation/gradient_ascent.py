@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from diffcurate.mitigation.base import (
+    MitigationConfig,
     MitigationData,
     MitigationResult,
     copy_of,
     register_mitigation,
 )
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.mitigation.loop import FineTuneLoop
 from diffcurate.models.diffusion import DiffusionModel
 

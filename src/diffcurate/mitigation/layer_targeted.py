@@ -24,12 +24,12 @@ from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
 from diffcurate.influence.trace import TraceConfig, layer_groups, trace_scores
 from diffcurate.keyed import keyed_generator
 from diffcurate.mitigation.base import (
+    MitigationConfig,
     MitigationData,
     MitigationResult,
     copy_of,
     register_mitigation,
 )
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.mitigation.loop import FineTuneLoop
 from diffcurate.models.diffusion import DiffusionModel
 

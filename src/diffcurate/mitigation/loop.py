@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
 from diffcurate.keyed import keyed_generator
-from diffcurate.mitigation.base import MitigationData, MitigationResult
+from diffcurate.mitigation.base import MitigationConfig, MitigationData, MitigationResult
 from diffcurate.mitigation.captions import perturb_captions
-from diffcurate.mitigation.config import MitigationConfig
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.train import batch_indices, progress_bar
 

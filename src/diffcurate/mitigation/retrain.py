@@ -10,8 +10,12 @@ import copy
 
 import torch
 
-from diffcurate.mitigation.base import MitigationData, MitigationResult, register_mitigation
-from diffcurate.mitigation.config import MitigationConfig
+from diffcurate.mitigation.base import (
+    MitigationConfig,
+    MitigationData,
+    MitigationResult,
+    register_mitigation,
+)
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.train import TrainConfig, train
 
