@@ -153,7 +153,7 @@ def probe_embeddings(
     dtype = conditioning.dtype
     out, radius, plain_losses, opt_losses = [], [], [], []
     for i, sid in enumerate(secret_ids):
-        e = conditioning[i].detach()
+        e = conditioning[i].detach().cpu()
         norm = e.norm()
         dirs = random_directions(config.seed, str(sid), config.random_probes, e.shape, dtype)
         probes = [e + config.sigma * norm * d for d in dirs]
