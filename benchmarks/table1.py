@@ -324,16 +324,22 @@ def run_seed(args, seed: int, log, rows: list[Row], flush) -> None:
         flagged = set(flag.flagged_ids)
         kept = [k for k in corpus.keys if corpus.group_of.get(k, k) not in flagged]
         recall = len(flagged & set(planted_distinct)) / len(planted_distinct)
-        for mitigation in MITIGATIONS:
+        removed = [k for k in corpus.keys if corpus.group_of.get(k, k) in flagged]
+        for mitigation in args.mitigations:
             t1 = time.perf_counter()
             if mitigation == "retrain":
                 candidate = fresh_copy(reference, seed + 1)
                 train_recipe(candidate, corpus, kept, args, seed + 1)
-            else:  # seed 000 §3.4: 1 epoch at lr 2e-6 from the reference weights
+            elif mitigation == "finetune":  # seed 000 §3.4: 1 epoch at lr 2e-6
                 config = MitigationConfig(
                     method="finetune", epochs=1, lr=2e-6, seed=seed, device=args.device
                 )
                 candidate, _ = mitigate(reference, corpus.rows(kept), config)
+            else:  # any other registered method at its measured defaults
+                config = MitigationConfig(method=mitigation, seed=seed, device=args.device)
+                candidate, _ = mitigate(
+                    reference, corpus.rows(kept), config, removed_images=corpus.rows(removed)
+                )
             row = Row(seed, method, mitigation, len(flagged), len(corpus.keys) - len(kept),
                       recall, score_seconds=score_s,
                       mitigate_seconds=time.perf_counter() - t1)  # fmt: skip
