@@ -10,9 +10,9 @@ from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.mem_calibration import calibrate_threshold
 from diffcurate.metrics.memorization import MemorizationPolicy
+from diffcurate.mitigation import MitigationConfig
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import images_for_unet
-from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.storage.lance_store import LanceStore
@@ -82,8 +82,8 @@ def test_ledger_holds_every_step(hygiene_run):
     assert [c["name"] for c in checks] == [g["name"] for g in summary.gates]
     assert all(c["policy_version"] == params.gate.version for c in checks)
     assert summary.gate_table_errors == []
-    stages = ["score", "flag", "audit", "mitigate", "measure before", "measure after", "gate",
-              "release"]  # fmt: skip
+    stages = ["score", "flag", "audit", "mitigate", "measure before", "measure after",
+              "audit generations", "gate", "release"]  # fmt: skip
     assert list(summary.stage_seconds) == stages
     assert all(v >= 0 for v in summary.stage_seconds.values())
     assert sum(summary.stage_seconds.values()) <= summary.seconds + 1e-3

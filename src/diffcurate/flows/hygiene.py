@@ -34,6 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.curation.flag import FlagPolicy, FlagResult, select_removals
 from diffcurate.curation.gate import GateDecision, GatePolicy, evaluate_gates
+from diffcurate.curation.generations import (
+    GenerationsAuditConfig,
+    GenerationsAuditReport,
+    audit_model_generations,
+)
 from diffcurate.curation.groups import GroupBy, collapse_groups
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement, measure_model
 from diffcurate.curation.retrigger import measure_retrigger
@@ -47,12 +52,14 @@ from diffcurate.flows.gate_inputs import (
 )
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec
-from diffcurate.metrics.audit import AuditPolicy, AuditResult, audit_removals
+from diffcurate.metrics.audit import AuditPolicy, AuditResult
+from diffcurate.metrics.audit_units import CountingUnit, UnitAudit, audit_by_unit
+from diffcurate.mitigation import MitigationConfig, mitigate
 from diffcurate.models.diffusion import DiffusionModel, save_diffusion_model
 from diffcurate.models.images import Geometry
 from diffcurate.models.inputs import load_inputs
 from diffcurate.models.load_options import LoadOptions
-from diffcurate.models.mitigate import MitigationConfig, mitigate
+from diffcurate.storage.attributes import AttributeProvenance, read_attributes
 from diffcurate.storage.gate_validation import validate_gate_table
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
@@ -92,6 +99,20 @@ class HygieneParams(BaseModel):
         None, description="Metadata keys to audit; None = every key with 2-20 distinct values."
     )
     audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    audit_unit: CountingUnit = Field(
+        "images",
+        description="Count distinct images (exact-duplicate groups once) or samples in the "
+        "audit; the other unit is reported beside it when the verdicts differ.",
+    )
+    inferred_attributes: bool = Field(
+        True,
+        description="Audit the attributes `diffcurate audit-attributes` inferred for the "
+        "dataset (stored with their model), beside the metadata.",
+    )
+    generations_audit: GenerationsAuditConfig = Field(
+        default_factory=GenerationsAuditConfig,
+        description="Audit group shares of both models' generations (the gate checks it).",
+    )
     mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
     secrets: list[str] = Field(
         default_factory=list,
@@ -119,6 +140,20 @@ class HygieneSummary(BaseModel):
     audit_passed: bool | None = None
     audit_violations: list[str] = Field(default_factory=list)
     audit_attributes: list[str] = Field(default_factory=list)
+    audit_unit: str = Field("images", description="Counting unit that decided the audit.")
+    audit_counts: dict[str, int] = Field(
+        default_factory=dict, description="Distinct images and samples audited."
+    )
+    audit_unit_disagreements: list[str] = Field(
+        default_factory=list,
+        description="Attributes whose verdict differs between images and samples, and why.",
+    )
+    inferred_attributes: dict[str, str] = Field(
+        default_factory=dict, description="Inferred attribute -> the model that inferred it."
+    )
+    generations_audit: dict[str, Any] | None = Field(
+        None, description="The generations audit (shares before/after per group), or why not."
+    )
     secrets: list[str] = Field(
         default_factory=list, description="Distinct secrets measured (one per exact group)."
     )
@@ -181,8 +216,28 @@ def flag_task(
 
 
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(frame: pd.DataFrame, attributes: list[str], policy: AuditPolicy) -> AuditResult:
-    return audit_removals(frame, attributes, removed="removed", policy=policy)
+def audit_task(
+    frame: pd.DataFrame,
+    attributes: list[str],
+    policy: AuditPolicy,
+    image_of: dict[str, str] | None = None,
+    unit: CountingUnit = "images",
+) -> UnitAudit:
+    """Audit the removal set counted on distinct images and on samples; ``unit`` decides."""
+    return audit_by_unit(frame, attributes, image_of or {}, unit=unit, removed="removed",
+                         policy=policy)  # fmt: skip
+
+
+@task(name="audit-generations", cache_policy=NO_CACHE)
+def generations_audit_task(
+    before: DiffusionModel,
+    after: DiffusionModel,
+    config: GenerationsAuditConfig,
+    measure: MeasureConfig,
+    captions: list[str],
+) -> GenerationsAuditReport:
+    """Sample both models from the same keyed noises and prompts; compare group shares."""
+    return audit_model_generations(before, after, config, measure, captions)
 
 
 @task(name="mitigate", cache_policy=NO_CACHE)
@@ -193,9 +248,13 @@ def mitigate_task(
     conditioning: torch.Tensor | None,
     progress: bool,
     unconditional: torch.Tensor | None = None,
+    removed: torch.Tensor | None = None,
+    removed_conditioning: torch.Tensor | None = None,
 ) -> DiffusionModel:
+    """The candidate from the kept samples (and the removed ones, for unlearning methods)."""
     candidate, _ = mitigate(model, pixels, config, conditioning=conditioning, progress=progress,
-                            unconditional=unconditional)  # fmt: skip
+                            unconditional=unconditional, removed_images=removed,
+                            removed_conditioning=removed_conditioning)  # fmt: skip
     return candidate
 
 
@@ -238,6 +297,51 @@ def auto_attributes(frame: pd.DataFrame) -> list[str]:
         if 2 <= distinct <= MAX_AUTO_GROUPS:
             out.append(col)
     return out
+
+
+def with_inferred(
+    frame: pd.DataFrame, inferred: pd.DataFrame, provenance: dict[str, AttributeProvenance]
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The metadata frame with the inferred attributes as columns, and column -> provenance.
+
+    An inferred attribute whose name is also a metadata key is added as ``inferred_<name>``,
+    so a metadata column is never silently replaced by a model's guess.
+    """
+    described: dict[str, str] = {}
+    rename = {}
+    for name, prov in provenance.items():
+        column = f"inferred_{name}" if name in frame.columns else name
+        rename[name] = column
+        described[column] = prov.describe()
+    merged = frame.merge(inferred.rename(columns=rename), on="sample_id", how="left")
+    return merged, described
+
+
+def audit_ledger_summary(audit: UnitAudit, index: int, inferred_by: str | None) -> dict[str, Any]:
+    """One attribute's ledger summary: the deciding unit's statistics, the other unit's, and
+    the provenance of an inferred attribute."""
+    a, other = audit.result.attributes[index], audit.other.attributes[index]
+    why = next((c.explanation for c in audit.comparisons if c.attribute == a.attribute), None)
+    n_units = audit.n_images if audit.unit == "images" else audit.n_samples
+    return {
+        **a.model_dump(mode="json", exclude={"groups"}), "unit": audit.unit, "n_units": n_units,
+        "n_images": audit.n_images, "n_samples": audit.n_samples,
+        "units_disagree": a.attribute in audit.disagree, "unit_explanation": why,
+        "other_unit": {"unit": audit.other_unit,
+                       **other.model_dump(mode="json", exclude={"groups", "notes"}),
+                       "groups": {g.group: g.model_dump(mode="json") for g in other.groups}},
+        "inferred_by": inferred_by,
+    }  # fmt: skip
+
+
+def generations_stats(report: GenerationsAuditReport | None, why: str | None) -> dict[str, Any]:
+    """The generations audit for the summary and the dashboard."""
+    if report is None or report.result is None:
+        skipped = [] if report is None else report.skipped
+        return {"result": None, "why": why or "; ".join(skipped) or "nothing to infer"}
+    return {"result": report.result.model_dump(mode="json"), "inferred_by": report.inferred_by,
+            "generations": report.generations, "prompts": report.prompts,
+            "skipped": report.skipped}  # fmt: skip
 
 
 def _measurement_stats(m: ModelMeasurement) -> dict[str, float]:
@@ -351,24 +455,35 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         log.info("flagged %d images (%d samples)", len(flagged.flagged_ids), len(removed))
         clock.lap("flag")
 
-        # 3. Audit.
+        # 3. Audit, on metadata and inferred attributes, counted on distinct images by default.
         frame["removed"] = frame["sample_id"].isin(removed_set)
-        attributes = params.audit_attributes or auto_attributes(frame)
-        missing = [a for a in attributes if a not in frame.columns]
+        audit_frame, inferred_by = frame, {}
+        if params.inferred_attributes:
+            audit_frame, inferred_by = with_inferred(frame, *read_attributes(store, params.dataset))
+        summary.inferred_attributes = inferred_by
+        attributes = params.audit_attributes or auto_attributes(audit_frame)
+        missing = [a for a in attributes if a not in audit_frame.columns]
         if missing:
-            raise ValueError(f"audit attributes not in the metadata: {missing}")
+            raise ValueError(f"audit attributes not in the metadata or the inferred "
+                             f"attributes: {missing}")  # fmt: skip
         summary.audit_attributes = attributes
-        audit = None
+        audit: AuditResult | None = None
         if attributes:
-            audit = audit_task(quote(frame), attributes, params.audit)
-            for a in audit.attributes:
+            exact = duplicate_group_of(store, params.dataset, "exact")
+            by_unit = audit_task(quote(audit_frame), attributes, params.audit, quote(exact),
+                                 params.audit_unit)  # fmt: skip
+            audit = by_unit.result
+            for i, a in enumerate(audit.attributes):
                 ledger.record_audit(
                     run_id, dataset=params.dataset, attribute=a.attribute,
                     groups={g.group: g.model_dump(mode="json") for g in a.groups},
                     passed=not (a.ratio_violation or a.dependence_violation),
-                    summary=a.model_dump(mode="json", exclude={"groups"}),
+                    summary=audit_ledger_summary(by_unit, i, inferred_by.get(a.attribute)),
                 )  # fmt: skip
             summary.audit_passed, summary.audit_violations = audit.passed, audit.violations
+            summary.audit_unit = by_unit.unit
+            summary.audit_counts = {"images": by_unit.n_images, "samples": by_unit.n_samples}
+            summary.audit_unit_disagreements = [c.explanation for c in by_unit.comparisons]
         clock.lap("audit")
 
         # 4. Mitigate, on what the model consumes (VAE latents are cached across runs).
@@ -379,9 +494,14 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
         if summary.geometry_warning:
             log.warning("%s", summary.geometry_warning)
         uncond = model.text_encoder.encode([""]) if model.text_encoder is not None else None
+        forget = forget_cond = None
+        if params.mitigation.needs_forget:  # unlearning methods also see the removed samples
+            forget = load_inputs(store, params.dataset, model, removed, geometry=params.geometry).x0
+            forget_cond = caption_embeddings(model, frame, removed)
         candidate = mitigate_task(
             quote(model), quote(kept_inputs.x0), params.mitigation,
             quote(caption_embeddings(model, frame, kept)), params.progress, quote(uncond),
+            quote(forget), quote(forget_cond),
         )  # fmt: skip
         out_dir = layout.hygiene_model_dir(params.dataset, run_id)
         save_diffusion_model(candidate, out_dir)
@@ -425,11 +545,25 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             b.secret_id: {"before": b.best_value, "after": a.best_value}
             for b, a in zip(before.mem.secrets, after.mem.secrets, strict=True)
         }
+        gen_report, gen_why = None, None
+        if params.generations_audit.enabled:
+            try:
+                gen_report = generations_audit_task(
+                    quote(model), quote(candidate), params.generations_audit, params.measure,
+                    quote(frame["caption"].fillna("").tolist()),
+                )  # fmt: skip
+            except (ValueError, RuntimeError, OSError) as e:  # fails closed at the gate
+                gen_why = f"not measured: {e}"
+                log.warning("generations audit %s", gen_why)
+            summary.generations_audit = generations_stats(gen_report, gen_why)
+            clock.lap("audit generations")
         decision: GateDecision = evaluate_gates(
             params.gate, mem_before=before.mem, mem_after=after.mem, fd_before=before.fd,
             fd_after=after.fd, audit=audit if audit is not None else True,
             kid_before=before.kid, kid_after=after.kid, retrigger_before=before.retrigger,
             retrigger_after=after.retrigger, retrigger_probed=params.measure.retrigger.enabled,
+            generations_audit=None if gen_report is None else gen_report.result,
+            generations_audited=params.generations_audit.enabled,
         )  # fmt: skip
         inputs = {"secrets": secret_ids, "secrets_source": summary.secrets_source,
                   "reference": summary.reference, "measure": params.measure.model_dump(mode="json"),
