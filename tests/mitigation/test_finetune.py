@@ -32,9 +32,14 @@ def test_finetune_equals_continued_training_on_the_pruned_set(warmup):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_steps_override_epochs():
+def test_steps_override_epochs_and_epochs_alone_count_passes():
     cfg = MitigationConfig(method="finetune", steps=7, epochs=3, batch_size=8)
     assert cfg.steps_for(1000) == 7
+    assert MitigationConfig().steps_for(1000) == MitigationConfig().steps  # measured default
+    passes = MitigationConfig(epochs=3, batch_size=8)
+    assert passes.steps is None and passes.steps_for(20) == 9
+    # The choice survives a JSON round trip (ledger, deployments).
+    assert MitigationConfig.model_validate_json(passes.model_dump_json()).steps_for(20) == 9
 
 
 def _conditional(seed=0):
@@ -48,7 +53,7 @@ def _conditional(seed=0):
 def test_conditional_finetune_equals_training_with_caption_dropout():
     model, x0, cond, uncond = _conditional()
     cfg = MitigationConfig(method="finetune", steps=5, lr=1e-3, batch_size=4, seed=2,
-                           caption_dropout=0.5)  # fmt: skip
+                           caption_dropout=0.5, warmup_steps=0)  # fmt: skip
     candidate, _ = mitigate(model, x0, cfg, conditioning=cond, unconditional=uncond)
     twin, *_ = _conditional()
     train(twin, x0, TrainConfig(steps=5, batch_size=4, lr=1e-3, seed=2, log_every=0,
