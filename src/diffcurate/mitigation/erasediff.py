@@ -27,15 +27,8 @@ from __future__ import annotations
 import torch
 
 from diffcurate.keyed import keyed_generator
-from diffcurate.mitigation.base import (
-    MitigationConfig,
-    MitigationData,
-    MitigationResult,
-    copy_of,
-    register_mitigation,
-)
-from diffcurate.mitigation.loop import FineTuneLoop
-from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.mitigation.base import register_mitigation
+from diffcurate.mitigation.loop import FineTuneLoop, LoopMitigation
 
 
 def bome_multiplier(g_upper: list[torch.Tensor], g_q: list[torch.Tensor], eta: float) -> float:
@@ -75,23 +68,15 @@ def erasediff_step(loop: FineTuneLoop, step: int) -> tuple[float, float]:
     return float(retain.detach()), float(forget.detach())
 
 
-class EraseDiff:
+class EraseDiff(LoopMitigation):
     """Retain the kept samples, erase the removed ones (value-function bilevel update)."""
 
     name = "erasediff"
     needs_forget = True
     summary = "EraseDiff unlearning of the removed samples (arXiv 2401.05779)"
 
-    def steps_for(self, config: MitigationConfig, n_retain: int) -> int:
-        return config.fine_tune_steps(n_retain)
-
-    def run(
-        self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
-    ) -> tuple[DiffusionModel, MitigationResult]:
-        candidate = copy_of(model)
-        loop = FineTuneLoop(candidate, data, config)
-        steps = self.steps_for(config, len(data.retain))
-        return candidate, loop.run(self.name, steps, config.lr, erasediff_step, progress)
+    def step(self, loop: FineTuneLoop, step: int) -> tuple[float, float]:
+        return erasediff_step(loop, step)
 
 
 register_mitigation(EraseDiff())

@@ -9,34 +9,16 @@ whose values ``benchmarks/mitigation.py`` sweeps and reports.
 
 from __future__ import annotations
 
-from diffcurate.mitigation.base import (
-    MitigationConfig,
-    MitigationData,
-    MitigationResult,
-    copy_of,
-    register_mitigation,
-)
-from diffcurate.mitigation.loop import FineTuneLoop
-from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.mitigation.base import register_mitigation
+from diffcurate.mitigation.loop import LoopMitigation
 
 
-class FineTune:
+class FineTune(LoopMitigation):
     """Every UNet parameter trained on the kept samples' diffusion loss."""
 
     name = "finetune"
     needs_forget = False
     summary = "surgical fine-tune on the kept samples (seed 000 §3.4)"
-
-    def steps_for(self, config: MitigationConfig, n_retain: int) -> int:
-        return config.fine_tune_steps(n_retain)
-
-    def run(
-        self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
-    ) -> tuple[DiffusionModel, MitigationResult]:
-        candidate = copy_of(model)
-        loop = FineTuneLoop(candidate, data, config)
-        steps = self.steps_for(config, len(data.retain))
-        return candidate, loop.run(self.name, steps, config.lr, FineTuneLoop.retain_step, progress)
 
 
 register_mitigation(FineTune())

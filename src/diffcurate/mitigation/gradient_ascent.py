@@ -13,15 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from diffcurate.mitigation.base import (
-    MitigationConfig,
-    MitigationData,
-    MitigationResult,
-    copy_of,
-    register_mitigation,
-)
-from diffcurate.mitigation.loop import FineTuneLoop
-from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.mitigation.base import register_mitigation
+from diffcurate.mitigation.loop import FineTuneLoop, LoopMitigation
 
 
 def capped_ascent_step(loop: FineTuneLoop, step: int) -> tuple[float, float]:
@@ -34,23 +27,15 @@ def capped_ascent_step(loop: FineTuneLoop, step: int) -> tuple[float, float]:
     return float(retain.detach()), float(forget.detach())
 
 
-class GradientAscent:
+class GradientAscent(LoopMitigation):
     """Fine-tune on the kept samples while ascending, up to a cap, on the removed ones."""
 
     name = "gradient-ascent"
     needs_forget = True
     summary = "retain loss minus a capped ascent on the removed samples' loss"
 
-    def steps_for(self, config: MitigationConfig, n_retain: int) -> int:
-        return config.fine_tune_steps(n_retain)
-
-    def run(
-        self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
-    ) -> tuple[DiffusionModel, MitigationResult]:
-        candidate = copy_of(model)
-        loop = FineTuneLoop(candidate, data, config)
-        steps = self.steps_for(config, len(data.retain))
-        return candidate, loop.run(self.name, steps, config.lr, capped_ascent_step, progress)
+    def step(self, loop: FineTuneLoop, step: int) -> tuple[float, float]:
+        return capped_ascent_step(loop, step)
 
 
 register_mitigation(GradientAscent())

@@ -26,11 +26,9 @@ from diffcurate.keyed import keyed_generator
 from diffcurate.mitigation.base import (
     MitigationConfig,
     MitigationData,
-    MitigationResult,
-    copy_of,
     register_mitigation,
 )
-from diffcurate.mitigation.loop import FineTuneLoop
+from diffcurate.mitigation.loop import FineTuneLoop, LoopMitigation
 from diffcurate.models.diffusion import DiffusionModel
 
 LAYER_DRAWS = 2
@@ -99,38 +97,34 @@ def layer_risk(
     return names, removed, kept
 
 
-class LayerFineTune:
+class LayerFineTune(LoopMitigation):
     """Fine-tune only the layers where the removed samples' curvature concentrates."""
 
     name = "layer-finetune"
     needs_forget = True
     summary = "fine-tune only the layers where the removed samples' trace concentrates"
 
-    def steps_for(self, config: MitigationConfig, n_retain: int) -> int:
-        return config.fine_tune_steps(n_retain)
-
-    def run(
-        self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
-    ) -> tuple[DiffusionModel, MitigationResult]:
+    def prepare(
+        self, model: DiffusionModel, candidate: DiffusionModel, data: MitigationData,
+        config: MitigationConfig,
+    ) -> FineTuneLoop:  # fmt: skip
         names, removed, kept = layer_risk(model, data, config)
         layers = select_layers(names, removed, kept, config.layer_coverage)
-        candidate = copy_of(model)
         params = [n for n, _ in candidate.unet.named_parameters()]
         layer_names, groups = layer_groups(params)
         owned = dict(zip(layer_names, groups, strict=True))
         trainable = [p for layer in layers for p in owned[layer]]
         loop = FineTuneLoop(candidate, data, config, trainable=trainable)
         # The layer probe's cost: one GGN pass per (sample, draw, probe) of both samples.
-        probed = min(config.layer_probe_samples, len(data.retain))
         assert data.forget is not None  # layer_risk refused a missing forget set
+        probed = min(config.layer_probe_samples, len(data.retain))
         probed += min(config.layer_probe_samples, len(data.forget))
         loop.sample_passes += probed * LAYER_DRAWS * LAYER_PROBES
         loop.detail["layers"] = layers
         loop.detail["excess"] = {
             n: float(r - k) for n, r, k in zip(names, removed, kept, strict=True)
         }
-        steps = self.steps_for(config, len(data.retain))
-        return candidate, loop.run(self.name, steps, config.lr, FineTuneLoop.retain_step, progress)
+        return loop
 
 
 register_mitigation(LayerFineTune())

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
 from diffcurate.keyed import keyed_generator
-from diffcurate.mitigation.base import MitigationConfig, MitigationData, MitigationResult
+from diffcurate.mitigation.base import (
+    MitigationConfig,
+    MitigationData,
+    MitigationResult,
+    copy_of,
+)
 from diffcurate.mitigation.captions import perturb_captions
 from diffcurate.models.diffusion import DiffusionModel
 from diffcurate.models.train import batch_indices, progress_bar
@@ -210,3 +215,37 @@ class FineTuneLoop:
             trainable=self.trainable,
             detail=dict(self.detail),
         )
+
+
+class LoopMitigation:
+    """A mitigation that is one :class:`FineTuneLoop` run over a copy of the model.
+
+    Subclasses name themselves and give the per-step gradient (``step``); those that train a
+    subset of the parameters override :meth:`prepare`.
+    """
+
+    name: str
+    needs_forget: bool
+    summary: str
+
+    def step(self, loop: FineTuneLoop, step: int) -> tuple[float, float | None]:
+        """Fill the trainable parameters' ``.grad`` for one step (default: the retain loss)."""
+        return loop.retain_step(step)
+
+    def prepare(
+        self, model: DiffusionModel, candidate: DiffusionModel, data: MitigationData,
+        config: MitigationConfig,
+    ) -> FineTuneLoop:  # fmt: skip
+        """The loop over ``candidate`` (default: every parameter trained)."""
+        return FineTuneLoop(candidate, data, config)
+
+    def steps_for(self, config: MitigationConfig, n_retain: int) -> int:
+        return config.fine_tune_steps(n_retain)
+
+    def run(
+        self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
+    ) -> tuple[DiffusionModel, MitigationResult]:
+        candidate = copy_of(model)
+        loop = self.prepare(model, candidate, data, config)
+        steps = self.steps_for(config, len(data.retain))
+        return candidate, loop.run(self.name, steps, config.lr, self.step, progress)
