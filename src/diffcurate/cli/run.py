@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from statistics import fmean
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -30,6 +30,9 @@ from diffcurate.cli.common import (
 )
 from diffcurate.cli.scorer_options import OptionOpt, parse_options
 
+if TYPE_CHECKING:
+    from diffcurate.mitigation import MitigationConfig
+
 # Options that `run` and `eval` share.
 ThresholdOpt = Annotated[
     float | None, typer.Option(help="Flag images scoring at least this (instead of top).")
@@ -37,9 +40,30 @@ ThresholdOpt = Annotated[
 GroupByOpt = Annotated[
     str, typer.Option(help="Duplicate groups flagged as one image: exact | near | none.")
 ]
-EpochsOpt = Annotated[int, typer.Option(help="Fine-tune epochs.")]
-LrOpt = Annotated[float, typer.Option(help="Fine-tune learning rate.")]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option(help="Fine-tune methods: passes over the kept samples (when --steps is unset)."),
+]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps", help="Fine-tune methods: optimiser steps [default: the method's measured one]."
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(help="Fine-tune methods: learning rate [default: the measured one]."),
+]
 RetrainStepsOpt = Annotated[int, typer.Option(help="Steps when retraining.")]
+MitigationOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--mitigation-option",
+        help="Any other mitigation setting as KEY=VALUE (repeatable), e.g. forget_weight=0.5, "
+        "warmup_steps=10, caption_noise=0.1, caption_replace=0.1, layer_coverage=0.5 (README, "
+        "'Mitigation').",
+    ),
+]
 MitigationSeedOpt = Annotated[int, typer.Option(help="Seed of scoring, mitigation and sampling.")]
 
 GuidanceOpt = Annotated[
@@ -60,8 +84,10 @@ MemRuleOpt = Annotated[
 RetriggerOpt = Annotated[
     bool,
     typer.Option(
+        "--retrigger/--no-retrigger",
         help="T2I models: also measure re-trigger Mem% (Finding Dori): each secret's caption "
-        "embedding perturbed at random and by a few gradient steps towards the secret."
+        "embedding perturbed at random and by a few gradient steps towards the secret "
+        "(not applicable to unconditional models).",
     ),
 ]
 RetriggerProbesOpt = Annotated[
@@ -82,6 +108,31 @@ RetriggerRhoOpt = Annotated[
 RetriggerGensOpt = Annotated[
     int, typer.Option(help="Re-trigger probe: generations from each probed embedding.")
 ]
+
+
+def mitigation_config(
+    method: str | None,
+    epochs: int | None,
+    steps: int | None,
+    lr: float | None,
+    retrain_steps: int,
+    options: list[str] | None,
+    seed: int,
+    device: str,
+) -> MitigationConfig:
+    """The mitigation settings of ``run``/``eval``: what was given, the measured defaults for
+    the rest (:class:`~diffcurate.mitigation.MitigationConfig`)."""
+    from diffcurate.mitigation import MitigationConfig
+
+    values: dict[str, object] = {"retrain_steps": retrain_steps, "seed": seed, "device": device}
+    given = {"method": method, "epochs": epochs, "steps": steps, "lr": lr}
+    values |= {k: v for k, v in given.items() if v is not None}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--mitigation-option takes KEY=VALUE, got {item!r}")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return MitigationConfig(**values)
 
 
 def run_hygiene(
@@ -109,16 +160,49 @@ def run_hygiene(
     audit_attribute: Annotated[
         list[str] | None,
         typer.Option(
-            help="Metadata key to audit (repeatable) [default: every key with 2-20 "
-            "distinct values]."
+            help="Metadata key or inferred attribute to audit (repeatable) [default: every "
+            "key with 2-20 distinct values, inferred attributes included]."
         ),
     ] = None,
+    audit_unit: Annotated[
+        str,
+        typer.Option(
+            help="Count the audit on distinct images (exact-duplicate groups once) or "
+            "samples: images | samples (the other unit is shown when the verdicts differ)."
+        ),
+    ] = "images",
+    inferred: Annotated[
+        bool,
+        typer.Option(
+            "--inferred/--no-inferred",
+            help="Audit the attributes `diffcurate audit-attributes` stored for the dataset.",
+        ),
+    ] = True,
+    audit_generations: Annotated[
+        int,
+        typer.Option(
+            help="Generations per model for the generations audit (group shares before vs "
+            "after, on the image-based inferred attributes); 0 turns it off."
+        ),
+    ] = 256,
+    min_generation_share: Annotated[
+        float,
+        typer.Option(
+            help="Gate: smallest share after / share before of any group in the generations."
+        ),
+    ] = 0.5,
     mitigation: Annotated[
-        str, typer.Option(help="finetune (surgical, lr 2e-6, 1 epoch) | retrain.")
-    ] = "finetune",
-    epochs: EpochsOpt = 1,
-    lr: LrOpt = 2e-6,
+        str | None,
+        typer.Option(
+            help="erasediff | finetune | layer-finetune | gradient-ascent | retrain [default: "
+            "the method measured best, README 'Mitigation']."
+        ),
+    ] = None,
+    epochs: EpochsOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
     retrain_steps: RetrainStepsOpt = 3000,
+    mitigation_option: MitigationOptionOpt = None,
     secrets: Annotated[
         str | None,
         typer.Option(
@@ -154,7 +238,7 @@ def run_hygiene(
     guidance_scale: GuidanceOpt = 7.5,
     generations_per_secret: PerSecretOpt = 8,
     inference_steps: GateStepsOpt = 50,
-    retrigger: RetriggerOpt = False,
+    retrigger: RetriggerOpt = True,
     retrigger_probes: RetriggerProbesOpt = 4,
     retrigger_sigma: RetriggerSigmaOpt = 0.05,
     retrigger_steps: RetriggerStepsOpt = 10,
@@ -197,7 +281,6 @@ def run_hygiene(
         from diffcurate.curation.gate import GatePolicy
         from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
         from diffcurate.influence.registry import ScorerSpec
-        from diffcurate.models.mitigate import MitigationConfig
 
         load = load_options(variant, dtype, lora, lora_scale, model_config, device)
         measure = _measure_config(
@@ -219,9 +302,12 @@ def run_hygiene(
             ),
             score_run=score_run,
             flag=flag, group_by=group_by, fairness_attribute=fairness_attribute,
-            audit_attributes=audit_attribute or None,
-            mitigation=MitigationConfig(method=mitigation, epochs=epochs, lr=lr,
-                                        retrain_steps=retrain_steps, seed=seed, device=device),
+            audit_attributes=audit_attribute or None, audit_unit=audit_unit,
+            inferred_attributes=inferred,
+            generations_audit=_generations_audit(settings, audit_generations,
+                                                 min_generation_share),
+            mitigation=mitigation_config(mitigation, epochs, steps, lr, retrain_steps,
+                                        mitigation_option, seed, device),
             secrets=secret_list(secrets), heldout_dataset=heldout_dataset, measure=measure,
             gate=GatePolicy(max_mem_percent_after=max_mem,
                             max_relative_fd_increase=max_fd_increase,
@@ -262,11 +348,17 @@ def evaluate(
     threshold: ThresholdOpt = None,
     group_by: GroupByOpt = "exact",
     mitigation: Annotated[
-        str, typer.Option(help="Comma-separated: finetune (surgical) and/or retrain.")
-    ] = "finetune",
-    epochs: EpochsOpt = 1,
-    lr: LrOpt = 2e-6,
+        str | None,
+        typer.Option(
+            help="Comma-separated mitigations to compare (erasediff, finetune, layer-finetune, "
+            "gradient-ascent, retrain) [default: the method measured best]."
+        ),
+    ] = None,
+    epochs: EpochsOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
     retrain_steps: RetrainStepsOpt = 3000,
+    mitigation_option: MitigationOptionOpt = None,
     heldout_dataset: Annotated[
         str | None, typer.Option(help="Ingested held-out real images for FD/KID and τ.")
     ] = None,
@@ -282,7 +374,7 @@ def evaluate(
     guidance_scale: GuidanceOpt = 7.5,
     generations_per_secret: PerSecretOpt = 8,
     inference_steps: GateStepsOpt = 50,
-    retrigger: RetriggerOpt = False,
+    retrigger: RetriggerOpt = True,
     retrigger_probes: RetriggerProbesOpt = 4,
     retrigger_sigma: RetriggerSigmaOpt = 0.05,
     retrigger_steps: RetriggerStepsOpt = 10,
@@ -312,7 +404,6 @@ def evaluate(
         from diffcurate.curation.flag import FlagPolicy
         from diffcurate.flows.evaluate import EvalParams
         from diffcurate.influence.registry import ScorerSpec
-        from diffcurate.models.mitigate import MitigationConfig
 
         load = load_options(variant, dtype, lora, lora_scale, model_config, device)
         measure = _measure_config(
@@ -334,9 +425,10 @@ def evaluate(
             scorers=[ScorerSpec.from_settings(s, {"seed": seed, "device": device} | opts)
                      for s, opts in parse_options(option, names).items()],
             flag=flag, group_by=group_by,
-            mitigations=[MitigationConfig(method=m.strip(), epochs=epochs, lr=lr,
-                                          retrain_steps=retrain_steps, seed=seed, device=device)
-                         for m in mitigation.split(",") if m.strip()],
+            mitigations=[mitigation_config(m, epochs, steps, lr, retrain_steps,
+                                           mitigation_option, seed, device)
+                         for m in ([m.strip() for m in mitigation.split(",") if m.strip()]
+                                   if mitigation else [None])],
             heldout_dataset=heldout_dataset, measure=measure,
         )  # fmt: skip
     except (ValidationError, ValueError, OSError) as e:
@@ -425,6 +517,41 @@ def _retrigger_config(
                            seed=seed)  # fmt: skip
 
 
+def _generations_audit(settings, generations: int, min_share: float):
+    """The generations audit of a hygiene run, from the ``attributes`` and ``clip`` settings."""
+    from diffcurate.curation.generations import GenerationsAuditConfig
+    from diffcurate.metrics.generations_audit import GenerationsAuditPolicy
+
+    if generations == 1 or generations < 0:
+        raise ValueError("--audit-generations takes 0 (off) or at least 2")
+    return GenerationsAuditConfig(
+        enabled=generations > 0, generations=max(generations, 2),
+        attributes=settings.attributes, clip=settings.clip if settings.clip.enabled else None,
+        policy=GenerationsAuditPolicy(min_share_ratio=min_share),
+    )  # fmt: skip
+
+
+def _print_generations_audit(audit: dict | None) -> None:
+    """The generations audit's table: per attribute and group, share before -> after."""
+    if audit is None:
+        return
+    result = audit.get("result")
+    if result is None:
+        err.print(f"[yellow]generations audit not measured:[/yellow] {safe(audit.get('why'))}")
+        return
+    t = Table("attribute", "group", "share before", "share after", "ratio", "judged",
+              title=f"generations audit ({result['n_before']} generations per model)")  # fmt: skip
+    for a in result["attributes"]:
+        for g in a["groups"]:
+            ratio = "" if g["share_ratio"] is None else f"{g['share_ratio']:.2f}"
+            t.add_row(safe(a["attribute"]), safe(g["group"]), f"{100 * g['share_before']:.1f}%",
+                      f"{100 * g['share_after']:.1f}%", ratio,
+                      "yes" if g["judged"] else "no")  # fmt: skip
+    out.print(t)
+    for name, how in (audit.get("inferred_by") or {}).items():
+        out.print(safe(f"{name}: {how}"))
+
+
 def _print_hygiene(summary) -> None:
     t = Table(title=f"hygiene {summary.run_id}", show_header=False)
     t.add_row("score run", summary.score_run)
@@ -437,6 +564,15 @@ def _print_hygiene(summary) -> None:
     else:
         audit = "FAILED: " + "; ".join(summary.audit_violations)
     t.add_row("audit", safe(f"{audit} ({', '.join(summary.audit_attributes) or '-'})"))
+    if summary.audit_counts:
+        c = summary.audit_counts
+        t.add_row("audit unit", f"{summary.audit_unit} ({c.get('images')} distinct images, "
+                  f"{c.get('samples')} samples)")  # fmt: skip
+    for why in summary.audit_unit_disagreements:
+        t.add_row("units disagree", safe(why))
+    for name, how in summary.inferred_attributes.items():
+        if name in summary.audit_attributes:
+            t.add_row("inferred", safe(f"{name}: {how}"))
     t.add_row("mitigation", safe(summary.mitigation))
     copies = summary.secret_samples
     t.add_row("secrets", f"{len(summary.secrets)} distinct images"
@@ -489,6 +625,7 @@ def _print_hygiene(summary) -> None:
         b, a = fmean(c[0] for c in closest), fmean(c[1] for c in closest)
         g.add_row("closest generation per secret (mean)", f"{b:.4g}", f"{a:.4g}")
     out.print(g)
+    _print_generations_audit(summary.generations_audit)
     gates = Table("check", "before", "after", "threshold", "result", "reason", title="gates")
     for c in summary.gates:
         fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731

@@ -37,10 +37,10 @@ from diffcurate.flows.gate_inputs import (
 from diffcurate.flows.hygiene import flag_task, measure_task, mitigate_task, needs_neighbours
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec
+from diffcurate.mitigation import MitigationConfig
 from diffcurate.models.images import Geometry
 from diffcurate.models.inputs import load_inputs
 from diffcurate.models.load_options import LoadOptions
-from diffcurate.models.mitigate import MitigationConfig
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
 from diffcurate.tasks.score import load_model
@@ -172,12 +172,23 @@ def eval_flow(params: EvalParams) -> EvalSummary:
         summary.rows.append(_row(ORIGINAL, "-", original))
 
         def candidates(scorer: str, kept: list[str], **kw: object) -> None:
+            kept_set = set(kept)
+            removed = [i for i in all_ids if i not in kept_set]
             kept_x0 = x0[[row_of[i] for i in kept]]
             for config in params.mitigations:
+                if config.needs_forget and not removed:
+                    # Unlearning nothing leaves the model as it is: the control is the original.
+                    summary.rows.append(_row(scorer, config.method, original, **kw))
+                    continue
                 t0 = time.perf_counter()
+                forget = forget_cond = None
+                if config.needs_forget:
+                    forget = x0[[row_of[i] for i in removed]]
+                    forget_cond = caption_embeddings(model, frame, removed)
                 candidate = mitigate_task(quote(model), quote(kept_x0), config,
                                           quote(caption_embeddings(model, frame, kept)),
-                                          params.progress, quote(uncond))  # fmt: skip
+                                          params.progress, quote(uncond), quote(forget),
+                                          quote(forget_cond))  # fmt: skip
                 seconds = time.perf_counter() - t0
                 row = _row(scorer, config.method, measure(candidate, tau),
                            mitigate_seconds=round(seconds, 3), **kw)  # fmt: skip

@@ -52,8 +52,10 @@ class RetriggerConfig(BaseModel):
     """The re-trigger probe of the memorization gate (text-conditional models only).
 
     Attributes:
-        enabled: Run the probe (it costs ``random_probes + 1`` times the plain Mem%
-            generations, plus ``opt_steps`` forward and backward passes per secret).
+        enabled: Run the probe on text-conditional models (on by default: pruning-based
+            fixes can be re-triggered, so the gate measures it; it costs ``random_probes + 1``
+            times the plain Mem% generations, plus ``opt_steps`` forward and backward passes
+            per secret). Unconditional models record "not applicable".
         random_probes: Random perturbations per secret.
         sigma: Radius of the random perturbations, relative to ``||e||``.
         opt_steps: Normalised-gradient steps of the optimised probe (0: no optimised probe).
@@ -67,7 +69,7 @@ class RetriggerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = False
+    enabled: bool = True
     random_probes: int = Field(4, ge=0)
     sigma: float = Field(0.05, ge=0.0)
     opt_steps: int = Field(10, ge=0)
