@@ -46,3 +46,25 @@ def test_audit_attributes_labels_stores_and_is_idempotent(tmp_path, digit_files,
     config.write_text("[attributes]\nfaces = true\n")
     res = runner.invoke(app, ["audit-attributes", "-d", "digits", "--no-faces", "-w", str(ws)])
     assert res.exit_code == 2 and "nothing to infer" in res.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_prints_the_unit_and_the_generations_audit(tmp_path, digit_files):
+    from test_cli import ingested_and_trained
+
+    ws, model = ingested_and_trained(tmp_path, digit_files)
+    res = runner.invoke(app, [
+        "run", "-d", "digits", "-m", str(model), "--generations", "8", "--max-mem", "100",
+        "--audit-attribute", "stroke", "--audit-unit", "samples", "--audit-generations", "6",
+        "--min-generation-share", "0.3", "-w", str(ws),
+    ])  # fmt: skip
+    assert res.exit_code in (0, 1), res.output
+    for expected in ("audit unit", "samples (", "distinct images,", "generations audit",
+                     "faces", "generations_audit"):  # fmt: skip
+        assert expected in res.output, expected
+    refused = runner.invoke(app, ["run", "-d", "digits", "-m", str(model), "--audit-unit",
+                                  "copies", "-w", str(ws)])  # fmt: skip
+    assert refused.exit_code == 2 and "audit_unit" in refused.output
+    refused = runner.invoke(app, ["run", "-d", "digits", "-m", str(model),
+                                  "--audit-generations", "1", "-w", str(ws)])  # fmt: skip
+    assert refused.exit_code == 2 and "--audit-generations takes 0" in refused.output
