@@ -47,7 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffcurate.curation.flag import FlagPolicy, select_removals
 from diffcurate.mitigation import MitigationConfig, fresh_copy, mitigate
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
-from table1 import build_parser, build_table1_corpus, measure, method_scores, train_recipe
+from diffcurate.models.reference import reference_model
+from table1 import (
+    build_parser,
+    build_table1_corpus,
+    mean_se,
+    measure,
+    method_scores,
+    train_recipe,
+)
 
 RETRAIN = "retrain"
 ROWS: dict[str, str] = {
@@ -116,7 +124,7 @@ def run_seed(args, seed: int, rows: list[Row], flush, log) -> None:
         reference, secs = load_diffusion_model(cached), 0.0
         log(f"seed {seed}: reference loaded from {cached}")
     else:
-        reference = fresh_copy_reference(seed)
+        reference = reference_model("digits-8px", seed=seed)
         secs = train_recipe(reference, corpus, corpus.keys, args, seed)
         if cached is not None:
             save_diffusion_model(reference, cached)
@@ -160,17 +168,6 @@ def run_seed(args, seed: int, rows: list[Row], flush, log) -> None:
         flush()
         log(f"seed {seed}: {name:>18} Mem% {m.mem.mem_percent:5.1f}  FD {m.fd:.3f}  "
             f"passes {passes}  {seconds:.0f} s")  # fmt: skip
-
-
-def fresh_copy_reference(seed: int):
-    from diffcurate.models.reference import reference_model
-
-    return reference_model("digits-8px", seed=seed)
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan)
 
 
 def fmt(mean: float, se: float, digits: int, suffix: str = "") -> str:

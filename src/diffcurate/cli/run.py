@@ -46,13 +46,14 @@ EpochsOpt = Annotated[
 ]
 StepsOpt = Annotated[
     int | None,
-    typer.Option(
-        "--steps", help="Fine-tune methods: optimiser steps [default: the method's measured one]."
-    ),
+    typer.Option("--steps", help="Fine-tune methods: optimiser steps [default: the measured 64]."),
 ]
 LrOpt = Annotated[
     float | None,
-    typer.Option(help="Fine-tune methods: learning rate [default: the measured one]."),
+    typer.Option(
+        help="Fine-tune methods: learning rate [default: 1e-3, the reference models' training "
+        "rate; pass your model's own]."
+    ),
 ]
 RetrainStepsOpt = Annotated[int, typer.Option(help="Steps when retraining.")]
 MitigationOptionOpt = Annotated[
