@@ -31,6 +31,7 @@ from diffcurate.mitigation.base import (
 )
 from diffcurate.mitigation.retrain import fresh_copy
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.training_data import TrainingData, as_training_data
 
 __all__ = [
     "Mitigation",
@@ -52,12 +53,12 @@ __all__ = [
 
 def mitigate(
     model: DiffusionModel,
-    pruned_images: torch.Tensor,
+    pruned_images: torch.Tensor | TrainingData,
     config: MitigationConfig | None = None,
     conditioning: torch.Tensor | None = None,
     progress: bool = False,
     unconditional: torch.Tensor | None = None,
-    removed_images: torch.Tensor | None = None,
+    removed_images: torch.Tensor | TrainingData | None = None,
     removed_conditioning: torch.Tensor | None = None,
 ) -> tuple[DiffusionModel, MitigationResult]:
     """Produce the candidate model from the pruned split.
@@ -65,13 +66,16 @@ def mitigate(
     Args:
         model: The released model (left unchanged).
         pruned_images: ``x0`` of the kept samples in diffusion space (pixels in [-1, 1], or VAE
-            latents for latent models).
+            latents for latent models), or a ``TrainingData`` serving them (with their caption
+            states) batch by batch, e.g. :class:`~diffcurate.models.lance_data.LanceTrainingData`.
         config: Method and hyper-parameters (default: the measured default method).
-        conditioning: Caption states aligned with ``pruned_images`` (conditional models).
+        conditioning: Caption states aligned with ``pruned_images`` (conditional models; only
+            beside tensors).
         progress: Show a progress bar.
         unconditional: The empty caption's states (conditional models; caption dropout).
-        removed_images: ``x0`` of the removed samples (methods that need the forget set).
-        removed_conditioning: Their caption states.
+        removed_images: ``x0`` of the removed samples (methods that need the forget set), as
+            tensors or a ``TrainingData``.
+        removed_conditioning: Their caption states (only beside tensors).
 
     Returns:
         The candidate model (path unset) and the method's record.
@@ -86,11 +90,13 @@ def mitigate(
     method = get_mitigation(config.method)
     if method.needs_forget and (removed_images is None or len(removed_images) == 0):
         raise ValueError(f"{config.method} needs the removed samples, and none were given")
+    forget = None
+    if method.needs_forget:
+        assert removed_images is not None
+        forget = as_training_data(removed_images, removed_conditioning)
     data = MitigationData(
-        retain=pruned_images,
-        retain_cond=conditioning,
-        forget=removed_images if method.needs_forget else None,
-        forget_cond=removed_conditioning if method.needs_forget else None,
+        retain=as_training_data(pruned_images, conditioning),
+        forget=forget,
         unconditional=unconditional if config.caption_dropout > 0 else None,
     )
     return method.run(model, data, config, progress)

@@ -22,24 +22,25 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.training_data import TrainingData
 
 
 @dataclass(frozen=True)
 class MitigationData:
     """The pruned split in the space the UNet consumes (pixels, or VAE latents).
 
+    Both sides are :class:`~diffcurate.models.training_data.TrainingData`, read one keyed batch
+    at a time, so a method never needs a split in memory.
+
     Attributes:
-        retain: ``x0`` of the kept samples ``[N, C, H, W]``.
-        retain_cond: Their caption states ``[N, seq, dim]`` (text-conditional models).
-        forget: ``x0`` of the removed samples (methods with a forgetting term), or None.
-        forget_cond: Their caption states.
+        retain: The kept samples (``x0`` rows and, for text-conditional models, their caption
+            states).
+        forget: The removed samples (methods with a forgetting term), or None.
         unconditional: The empty caption's states ``[1, seq, dim]`` (caption dropout).
     """
 
-    retain: torch.Tensor
-    retain_cond: torch.Tensor | None = None
-    forget: torch.Tensor | None = None
-    forget_cond: torch.Tensor | None = None
+    retain: TrainingData
+    forget: TrainingData | None = None
     unconditional: torch.Tensor | None = None
 
 

@@ -30,6 +30,7 @@ from diffcurate.mitigation.base import (
 )
 from diffcurate.mitigation.loop import FineTuneLoop, LoopMitigation
 from diffcurate.models.diffusion import DiffusionModel
+from diffcurate.models.training_data import TrainingData
 
 LAYER_DRAWS = 2
 """(t, ε) draws per probed sample for the per-layer trace."""
@@ -66,7 +67,7 @@ def select_layers(
     return [names[i] for i in order[:k]]
 
 
-def _probe(x: torch.Tensor, n: int, seed: int, stream: str) -> torch.Tensor:
+def _probe(x: TrainingData, n: int, seed: int, stream: str) -> torch.Tensor:
     gen = keyed_generator(seed, "layer-probe", stream, 0)
     return torch.randperm(len(x), generator=gen)[:n]
 
@@ -82,15 +83,11 @@ def layer_risk(
     objective = DiffusionObjective(model.scheduler, schedule, config.seed)
     trace = TraceConfig(probes=LAYER_PROBES, seed=config.seed, device=config.device)
     means = []
-    for stream, x, cond in (
-        ("forget", data.forget, data.forget_cond),
-        ("retain", data.retain, data.retain_cond),
-    ):
+    for stream, x in (("forget", data.forget), ("retain", data.retain)):
         idx = _probe(x, config.layer_probe_samples, config.seed, stream)
         keys = [f"{stream}-{int(i)}" for i in idx]
-        result = trace_scores(
-            objective, model.unet, x[idx], keys, trace, None if cond is None else cond[idx]
-        )
+        rows, cond = x.batch(idx)
+        result = trace_scores(objective, model.unet, rows, keys, trace, cond)
         assert result.per_layer is not None
         means.append((result.layer_names, result.per_layer.mean(axis=0)))
     (names, removed), (_, kept) = means

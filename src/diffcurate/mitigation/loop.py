@@ -68,7 +68,7 @@ class FineTuneLoop:
     ) -> None:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device is 'cuda' but no CUDA device is available")
-        if candidate.conditional != (data.retain_cond is not None):
+        if candidate.conditional != data.retain.conditional:
             need = "needs" if candidate.conditional else "takes no"
             raise ValueError(f"{type(candidate.unet).__name__} {need} caption states")
         self.model, self.data, self.config = candidate, data, config
@@ -102,17 +102,15 @@ class FineTuneLoop:
         gen = keyed_generator(cfg.seed, "train", "noise", step)
         t = torch.randint(0, self.n_train, (cfg.batch_size,), generator=gen)
         eps = torch.randn((cfg.batch_size, *self.model.sample_shape), generator=gen)
-        cond = None
-        if data.retain_cond is not None:
-            cond = perturb_captions(
-                data.retain_cond[idx], cfg.caption_noise, cfg.caption_replace, cfg.seed, step
-            )
+        x0, cond = data.retain.batch(idx)
+        if cond is not None:
+            cond = perturb_captions(cond, cfg.caption_noise, cfg.caption_replace, cfg.seed, step)
             if cfg.caption_dropout > 0 and data.unconditional is not None:
                 drop_gen = keyed_generator(cfg.seed, "train", "caption-dropout", step)
                 drop = torch.rand(cfg.batch_size, generator=drop_gen) < cfg.caption_dropout
                 uncond = data.unconditional.reshape(1, *cond.shape[1:]).to(cond)
                 cond = torch.where(drop[:, None, None], uncond, cond)
-        return self._on_device(data.retain[idx], t, eps, cond)
+        return self._on_device(x0, t, eps, cond)
 
     def forget_batch(self, step: int) -> Batch:
         """Step ``step``'s removed-sample batch (its own keyed stream; captions as they are)."""
@@ -124,8 +122,8 @@ class FineTuneLoop:
         gen = keyed_generator(cfg.seed, "forget", "noise", step)
         t = torch.randint(0, self.n_train, (size,), generator=gen)
         eps = torch.randn((size, *self.model.sample_shape), generator=gen)
-        cond = data.forget_cond[idx] if data.forget_cond is not None else None
-        return self._on_device(data.forget[idx], t, eps, cond)
+        x0, cond = data.forget.batch(idx)
+        return self._on_device(x0, t, eps, cond)
 
     def _on_device(self, x0, t, eps, cond) -> Batch:
         kw = dict(device=self.device, dtype=self.dtype)

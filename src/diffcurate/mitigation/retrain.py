@@ -47,7 +47,7 @@ class Retrain:
         self, model: DiffusionModel, data: MitigationData, config: MitigationConfig, progress: bool
     ) -> tuple[DiffusionModel, MitigationResult]:
         candidate = fresh_copy(model, config.seed)
-        conditional = data.retain_cond is not None and data.unconditional is not None
+        conditional = data.retain.conditional and data.unconditional is not None
         result = train(
             candidate,
             data.retain,
@@ -61,7 +61,6 @@ class Retrain:
                 device=config.device,
             ),
             progress=progress,
-            conditioning=data.retain_cond,
             unconditional=data.unconditional,
         )
         return candidate, MitigationResult(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 from diffusers import AutoencoderKL
 
@@ -238,18 +239,7 @@ def load_inputs(
     meta = read_sample_rows(store, dataset, sample_ids, ["caption", "width", "height"])
     ids: list[str] = meta.column("sample_id").to_pylist()
     size = inputs.pixel_size
-    report = GeometryReport.of(
-        (
-            image_facts(int(w), int(h), size, geometry)
-            for w, h in zip(
-                meta.column("width").to_pylist(), meta.column("height").to_pylist(), strict=True
-            )
-        ),
-        geometry,
-        size,
-    )
-    if (message := report.warning()) is not None:
-        log.warning("dataset %r: %s", dataset, message)
+    report = geometry_report(meta, inputs, dataset)
 
     n = len(ids)
     position = {sid: i for i, sid in enumerate(ids)}
@@ -286,7 +276,7 @@ def load_inputs(
         if vae is not None:
             misses = [i for i, sid in enumerate(batch_ids) if sid not in hits]
             if misses:
-                encoded = _encode_checked(vae, chunk[misses], [batch_ids[i] for i in misses])
+                encoded = encode_checked(vae, chunk[misses], [batch_ids[i] for i in misses])
                 x0[[rows[i] for i in misses]] = encoded
                 n_encoded += len(misses)
                 if latent_cache is not None:
@@ -315,7 +305,26 @@ def load_inputs(
     )
 
 
-def _encode_checked(
+def geometry_report(meta: pa.Table, inputs: ModelInputs, dataset: str) -> GeometryReport:
+    """What ``inputs.geometry`` does to the images whose stored ``width``/``height`` are in
+    ``meta`` (read from metadata, no image decoded); logs the report's warning, if any."""
+    size, geometry = inputs.pixel_size, inputs.geometry
+    report = GeometryReport.of(
+        (
+            image_facts(int(w), int(h), size, geometry)
+            for w, h in zip(
+                meta.column("width").to_pylist(), meta.column("height").to_pylist(), strict=True
+            )
+        ),
+        geometry,
+        size,
+    )
+    if (message := report.warning()) is not None:
+        log.warning("dataset %r: %s", dataset, message)
+    return report
+
+
+def encode_checked(
     vae: AutoencoderKL, pixels: torch.Tensor, sample_ids: Sequence[str]
 ) -> torch.Tensor:
     """float32 CPU latents of one batch, refusing non-finite ones by sample id."""

@@ -28,7 +28,6 @@ killed mid-save leaves the previous checkpoint as the latest valid one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffcurate.influence.objective import DiffusionObjective, TimestepSchedule
 from diffcurate.keyed import keyed_generator
 from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, save_diffusion_model
+from diffcurate.models.training_data import TrainingData, as_training_data
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +138,6 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
         if (m := _CHECKPOINT_DIR.match(p.name)) and (p / TRAINING_STATE).is_file()
     ]
     return max(found)[1] if found else None
-
-
-def _fingerprint(images: torch.Tensor, *conditioning: torch.Tensor | None) -> str:
-    """sha256 of the training data, so a checkpoint is never resumed on different data."""
-    digest = hashlib.sha256()
-    for tensor in (images, *conditioning):
-        if tensor is not None:
-            cpu = tensor.detach().to("cpu").contiguous()
-            digest.update(str((tuple(cpu.shape), cpu.dtype)).encode())
-            digest.update(cpu.numpy().tobytes())
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=8)
@@ -249,7 +238,7 @@ def progress_bar(enabled: bool, total: int, completed: int = 0, label: str = "tr
 
 def train(
     model: DiffusionModel,
-    images: torch.Tensor,
+    images: torch.Tensor | TrainingData,
     config: TrainConfig,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
@@ -264,14 +253,18 @@ def train(
         images: ``x0`` in diffusion space, ``[N, *model.sample_shape]``: pixels in [-1, 1] for
             pixel-space models, VAE latents for latent models (both from
             :func:`diffcurate.models.inputs.load_inputs`). Kept where they are; each batch is
-            moved to the device and cast to the model's dtype.
+            moved to the device and cast to the model's dtype. Or a
+            :class:`~diffcurate.models.training_data.TrainingData` that hands out each step's
+            rows (and their caption states) on demand, e.g. streamed from LanceDB; the same
+            rows give the same weights either way.
         config: Training settings.
         checkpoint_dir: Where checkpoints go. If it holds one already, training resumes from
             the latest (its weights replace ``model.unet``'s) after checking the data and the
             trajectory-defining settings are unchanged.
         progress: Show a rich progress bar when stderr is a terminal.
         conditioning: ``encoder_hidden_states`` ``[N, seq, dim]`` aligned with ``images``;
-            required for ``UNet2DConditionModel``, refused otherwise.
+            required for ``UNet2DConditionModel``, refused otherwise. Part of ``images``
+            when that is a ``TrainingData``.
         unconditional: The empty caption's states ``[1, seq, dim]``; required when
             ``config.caption_dropout`` > 0.
 
@@ -284,21 +277,18 @@ def train(
         FloatingPointError: The loss became NaN or infinite (the last checkpoint survives).
     """
     started = time.perf_counter()
-    if tuple(images.shape[1:]) != model.sample_shape or images.ndim != 4:
+    data = as_training_data(images, conditioning)
+    if tuple(data.sample_shape) != model.sample_shape:
         space = "latents" if model.vae is not None else "images"
         raise ValueError(
-            f"{space} have shape {tuple(images.shape)}, model expects [N, {model.sample_shape}]"
+            f"{space} have shape {(len(data), *data.sample_shape)}, model expects "
+            f"[N, {model.sample_shape}]"
         )
-    if model.conditional != (conditioning is not None):
+    if model.conditional != data.conditional:
         need = "needs" if model.conditional else "takes no"
         raise ValueError(f"{type(model.unet).__name__} {need} conditioning")
-    if conditioning is not None and conditioning.shape[0] != images.shape[0]:
-        raise ValueError("conditioning must have one row per image")
-    if config.caption_dropout > 0:
-        if conditioning is None or unconditional is None:
-            raise ValueError("caption_dropout needs conditioning and the unconditional states")
-        if tuple(unconditional.shape[-2:]) != tuple(conditioning.shape[-2:]):
-            raise ValueError("unconditional states must have the conditioning's [seq, dim]")
+    if config.caption_dropout > 0 and (not data.conditional or unconditional is None):
+        raise ValueError("caption_dropout needs conditioning and the unconditional states")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device is 'cuda' but no CUDA device is available")
     device = torch.device(config.device)
@@ -310,7 +300,7 @@ def train(
     dtype = next(unet.parameters()).dtype  # float64 models train in float64
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     dropout_uncond = unconditional if config.caption_dropout > 0 else None
-    fingerprint = _fingerprint(images, conditioning, dropout_uncond)
+    fingerprint = data.fingerprint(dropout_uncond)
 
     start, losses, last_ck = 0, [], None
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -333,16 +323,19 @@ def train(
         if bar is not None:
             bar.start()
         for step in range(start, config.steps):
-            idx = _batch_indices(images.shape[0], config.batch_size, config.seed, step)
+            idx = _batch_indices(len(data), config.batch_size, config.seed, step)
+            rows, cond = data.batch(idx)
             gen = keyed_generator(config.seed, "train", "noise", step)
             t = torch.randint(0, n_train, (config.batch_size,), generator=gen)
             eps = torch.randn((config.batch_size, *model.sample_shape), generator=gen)
-            x0 = images[idx].to(device=device, dtype=dtype)
+            x0 = rows.to(device=device, dtype=dtype)
             eps, t = eps.to(device=device, dtype=dtype), t.to(device)
             kwargs = {}
-            if conditioning is not None:
-                cond = conditioning[idx]
+            if cond is not None:
                 if dropout_uncond is not None:
+                    if tuple(dropout_uncond.shape[-2:]) != tuple(cond.shape[-2:]):
+                        raise ValueError("unconditional states must have the conditioning's "
+                                         "[seq, dim]")  # fmt: skip
                     drop_gen = keyed_generator(config.seed, "train", "caption-dropout", step)
                     drop = (
                         torch.rand(config.batch_size, generator=drop_gen) < config.caption_dropout
