@@ -163,3 +163,57 @@ def test_embeddings_disabled_is_explicit(tmp_path, digit_files):
     assert s.embeddings == "disabled"
     rows = rows_by_id(tmp_path / "ws").values()
     assert all(r["image_embedding"] is None and r["embedding_model"] is None for r in rows)
+
+
+def _mixed_source(tmp_path, digit_files):
+    """Good rows, every kind of bad row, a key repeated across shards, a key already stored
+    with other bytes (conflict) and keys already stored (present)."""
+    a, b = digit_files[0], digit_files[1]
+    bad = [
+        SampleFile("truncated", jpeg_bytes(np.zeros((32, 32, 3), np.uint8))[:200], "jpg", "cut"),
+        SampleFile("zero", b"", "png", "empty file"),
+        SampleFile("text", b"definitely not an image", "jpg", "a text file"),
+        SampleFile("bomb", png_bomb_bytes(), "png", "a bomb"),
+        SampleFile("blank", a.image, "png", "   "),
+        SampleFile("tiny", jpeg_bytes(np.zeros((4, 4, 3), np.uint8)), "jpg", "too small"),
+    ]
+    rows = [
+        *digit_files[:20],
+        *bad,
+        *digit_files[20:40],
+        SampleFile(a.key, b.image, "png", "again"),
+    ]
+    write_manifest(digit_files[40:45], tmp_path / "before.parquet")
+    changed = SampleFile(digit_files[44].key, b.image, "png", "changed")
+    write_manifest([*rows, *digit_files[40:44], changed], tmp_path / "m.parquet")
+    return tmp_path / "before.parquet", tmp_path / "m.parquet"
+
+
+def _contents(ws):
+    samples = {k: {c: v for c, v in r.items() if c not in RUN_SPECIFIC}
+               for k, r in rows_by_id(ws).items()}  # fmt: skip
+    quarantine = {k: (r["key"], r["reason"], r["detail"], r["sample_id"])
+                  for k, r in rows_by_id(ws, "quarantine").items()}  # fmt: skip
+    return samples, quarantine
+
+
+def test_worker_processes_give_the_same_rows_as_the_flow_alone(tmp_path, digit_files, tiny_clip):
+    before, source = _mixed_source(tmp_path, digit_files)
+    got = {}
+    for workers in (1, 2):
+        ws = tmp_path / f"ws-{workers}"
+        run(before, ws, clip=tiny_clip)
+        summary = ingest_flow(IngestParams(source=source, dataset="d", workspace=ws,
+                                           clip=tiny_clip, ingest=IngestSettings(batch_size=8),
+                                           progress=False, workers=workers))  # fmt: skip
+        got[workers] = (summary, *_contents(ws))
+    (s1, rows1, quar1), (s2, rows2, quar2) = got[1], got[2]
+    assert (s2.workers, s1.workers) == (2, 1)
+    assert rows1 == rows2 and quar1 == quar2
+    assert len(rows1) == 45 and s1.ingested == s2.ingested == 40
+    assert s1.already_present == s2.already_present == 4
+    assert s1.quarantined_by_reason == s2.quarantined_by_reason == {
+        "caption_empty": 1, "corrupt_image": 1, "decompression_bomb": 1, "duplicate_id": 1,
+        "empty_file": 1, "key_conflict": 1, "not_an_image": 1, "size_out_of_bounds": 1,
+    }  # fmt: skip
+    assert all(len(r["image_embedding"]) == 32 for r in rows2.values())

@@ -6,18 +6,22 @@ Steps:
     3. Load the CLIP embedder from local files, or say clearly that embeddings are disabled.
     4. For each shard of ``batch_size`` records: prepare (decode, validate, embed) and commit.
        Commits are idempotent merges, so a killed run re-run completes with no duplicates.
+       Decoding and hashing fan out to ``workers`` processes, or to a Dask cluster
+       (``runner="dask"``), a few shards ahead; the flow's process consumes them in source
+       order and is the only writer, so the rows do not depend on who decoded.
     5. Recompute the dataset's duplicate groups.
     6. Close the run in the ledger with its statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
@@ -25,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffcurate.config import ClipSettings, IngestSettings
 from diffcurate.flows.progress import progress_bar
+from diffcurate.flows.sharded import DaskOptions, dask_task_runner
+from diffcurate.ingest.pool import Decoder, InProcessDecoder, ProcessPoolDecoder
+from diffcurate.ingest.shard import images_to_decode
 from diffcurate.ingest.sources import SourceFormat, open_source
 from diffcurate.models.clip_embedder import ClipEmbedder
 from diffcurate.storage.lance_store import DatasetName, LanceStore
@@ -51,6 +58,13 @@ class IngestParams(BaseModel):
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     progress: bool = Field(True, description="Show a progress bar when stderr is a terminal.")
+    workers: int = Field(
+        1, ge=1, description="local runner: processes decoding and hashing (1: the flow's own)."
+    )
+    runner: Literal["local", "dask"] = Field(
+        "local", description="dask: shards are decoded and hashed as task runs on a Dask cluster."
+    )
+    dask: DaskOptions = Field(default_factory=DaskOptions)
 
 
 class IngestSummary(BaseModel):
@@ -69,6 +83,9 @@ class IngestSummary(BaseModel):
     embeddings: str = "disabled"
     duplicates: dict[str, int] = Field(default_factory=dict)
     dataset_samples: int = 0
+    runner: str = "local"
+    workers: int = Field(1, description="Decoding processes (dask: distinct workers that did).")
+    lost_shards: int = Field(0, description="dask: decode task runs lost with their worker.")
     seconds: float = 0.0
 
     @property
@@ -81,6 +98,20 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
+
+
+def _decoder(params: IngestParams, stack: contextlib.ExitStack, log) -> Decoder:
+    """The decoder the parameters ask for, its resources owned by ``stack``."""
+    max_pixels = params.ingest.max_pixels
+    if params.runner == "dask":
+        from diffcurate.flows.ingest_dask import DaskDecoder
+
+        runner = stack.enter_context(dask_task_runner(params.dask))
+        in_flight = 2 * len(runner.client.scheduler_info()["workers"]) or 4
+        return DaskDecoder(runner, max_pixels, in_flight=max(in_flight, 2), log=log)
+    if params.workers > 1:
+        return stack.enter_context(ProcessPoolDecoder(params.workers, max_pixels))
+    return InProcessDecoder()
 
 
 @flow(name="ingest", validate_parameters=True)
@@ -98,7 +129,7 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         key_column=params.key_column,
     )
     workspace = Workspace(params.workspace)
-    store = LanceStore(workspace.lancedb_uri)
+    store = LanceStore.open(workspace)
     ledger = Ledger(workspace.ledger_path)
     # 2. Ledger (step 6 closes the run when the block ends).
     for stale in ledger.mark_interrupted():
@@ -137,9 +168,17 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
         except TypeError:
             total = None
         # 4. Shards.
-        with progress_bar("ingest", params.progress, with_status=True) as bar:
+        with (
+            contextlib.ExitStack() as stack,
+            progress_bar("ingest", params.progress, with_status=True) as bar,
+        ):
+            decoder = _decoder(params, stack, log)
+            shards = (
+                (records, images_to_decode(records, dataset, known))
+                for records in _chunks(source, params.ingest.batch_size)
+            )
             task_id = bar.add_task("ingest", total=total, status="")
-            for shard_no, records in enumerate(_chunks(source, params.ingest.batch_size)):
+            for shard_no, (records, decoded) in enumerate(decoder.map(shards)):
                 # quote(): Prefect otherwise walks every element of every task argument on
                 # each call, which makes the growing id maps cost O(corpus) per shard.
                 result = prepare_shard_task(
@@ -151,6 +190,7 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
                     cfg=params.ingest,
                     validator=quote(validator),
                     embedder=quote(embedder),
+                    decoded=quote(decoded),
                 )
                 new_samples, new_quarantine = write_shard(store, quote(result))
                 claimed.update(result.claimed)
@@ -172,6 +212,10 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
                     new_samples,
                     result.quarantine.num_rows,
                 )
+            summary.runner, summary.workers = params.runner, params.workers
+            if params.runner == "dask":
+                summary.workers = len(decoder.workers)  # type: ignore[attr-defined]
+                summary.lost_shards = decoder.lost  # type: ignore[attr-defined]
         summary.quarantined_by_reason = dict(sorted(reasons.items()))
         # 5. Duplicate groups.
         groups = dedup(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import imagehash
@@ -25,9 +26,13 @@ Image.MAX_IMAGE_PIXELS = None
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A successfully decoded image with its content hashes."""
+    """A successfully decoded image with its content hashes.
 
-    image: Image.Image  # RGB, fully loaded
+    ``image`` is ``None`` when decoded in another process: the pixels are only needed again for
+    embeddings, and shipping them back would cost more than decoding them anew.
+    """
+
+    image: Image.Image | None  # RGB, fully loaded
     width: int
     height: int
     format: str
@@ -45,12 +50,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage | DecodeFailure:
+DecodeResult = DecodedImage | DecodeFailure
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int, keep_image: bool = True
+) -> DecodedImage | DecodeFailure:
     """Decode encoded image bytes, refusing empty, non-image, bomb and corrupt inputs.
 
     Args:
         data: The encoded file contents.
         max_pixels: Largest width × height accepted, checked from the header before decoding.
+        keep_image: Keep the decoded RGB pixels in the result (False: ``image`` is ``None``).
 
     Returns:
         A :class:`DecodedImage`, or a :class:`DecodeFailure` naming the reason.
@@ -82,10 +93,21 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage | DecodeFailur
     except Exception as err:  # truncated streams: OSError, SyntaxError, zlib.error, ...
         return DecodeFailure(Reason.CORRUPT_IMAGE, f"image data cannot be decoded: {err}")
     return DecodedImage(
-        image=rgb,
+        image=rgb if keep_image else None,
         width=width,
         height=height,
         format=fmt,
         sha256=sha256_hex(data),
         phash=str(imagehash.phash(rgb)),
     )
+
+
+def decode_many(
+    images: Sequence[bytes | None], max_pixels: int, keep_image: bool = False
+) -> list[DecodeResult | None]:
+    """:func:`decode_image` over a chunk (``None`` in, ``None`` out): the unit a worker process
+    or a Dask task runs, so that each call ships many images, not one."""
+    return [
+        None if data is None else decode_image(data, max_pixels=max_pixels, keep_image=keep_image)
+        for data in images
+    ]

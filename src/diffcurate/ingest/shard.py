@@ -2,11 +2,17 @@
 
 A shard is the unit of work, retry and resume: it is prepared here in memory, then written with
 one idempotent merge per table. Memory is bounded by the shard size, never the corpus size.
+
+Decoding and hashing (the costly, order-free part) may run elsewhere, a worker process or a Dask
+task, on the images :func:`images_to_decode` picks; everything that depends on source order
+(the first decodable record of a key claims it) happens here, in the flow's process, so the rows
+are the same whoever decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,9 +20,16 @@ from datetime import UTC, datetime
 
 import pandas as pd
 import pyarrow as pa
+from PIL import Image
 
 from diffcurate.config import IngestSettings
-from diffcurate.ingest.decode import DecodedImage, DecodeFailure, decode_image, sha256_hex
+from diffcurate.ingest.decode import (
+    DecodedImage,
+    DecodeFailure,
+    DecodeResult,
+    decode_image,
+    sha256_hex,
+)
 from diffcurate.ingest.records import RawRecord, canonical_metadata, sample_id_for
 from diffcurate.models.clip_embedder import ClipEmbedder
 from diffcurate.storage.reasons import Reason
@@ -76,6 +89,28 @@ def _quarantine_row(
     }
 
 
+def images_to_decode(
+    records: Sequence[RawRecord], dataset: str, known: dict[str, str]
+) -> list[bytes | None]:
+    """The image bytes of the records :func:`prepare_shard` will decode (``None`` elsewhere):
+    readable records whose key is not stored yet."""
+    return [
+        rec.image
+        if rec.reason is None
+        and rec.image is not None
+        and sample_id_for(dataset, rec.key) not in known
+        else None
+        for rec in records
+    ]
+
+
+def _pixels(c: _Candidate) -> Image.Image:
+    if c.decoded.image is not None:
+        return c.decoded.image
+    assert c.record.image is not None
+    return Image.open(io.BytesIO(c.record.image)).convert("RGB")
+
+
 def prepare_shard(
     records: Sequence[RawRecord],
     *,
@@ -86,6 +121,7 @@ def prepare_shard(
     cfg: IngestSettings,
     validator: SampleBatchValidator,
     embedder: ClipEmbedder | None,
+    decoded: Sequence[DecodeResult | None] | None = None,
 ) -> ShardResult:
     """Decode, validate and embed one shard.
 
@@ -99,6 +135,8 @@ def prepare_shard(
         cfg: Validation bounds.
         validator: The great-expectations suite runner.
         embedder: CLIP embedder, or ``None`` when embeddings are disabled.
+        decoded: Decode results of :func:`images_to_decode` computed elsewhere (aligned with
+            ``records``); ``None`` decodes here.
     """
     now = datetime.now(UTC)
     quarantined: list[dict] = []
@@ -109,7 +147,7 @@ def prepare_shard(
     def reject(rec: RawRecord, sid: str | None, reason: Reason, detail: str) -> None:
         quarantined.append(_quarantine_row(dataset, run_id, now, rec, sid, reason, detail))
 
-    for rec in records:
+    for position, rec in enumerate(records):
         sid = sample_id_for(dataset, rec.key)
         if rec.reason is not None:
             reject(rec, sid, rec.reason, rec.detail)
@@ -130,12 +168,17 @@ def prepare_shard(
                     "never overwritten: give changed content a new key",
                 )
             continue
-        decoded = decode_image(rec.image, max_pixels=cfg.max_pixels)
-        if isinstance(decoded, DecodeFailure):
-            reject(rec, sid, decoded.reason, decoded.detail)
+        result = (
+            decode_image(rec.image, max_pixels=cfg.max_pixels)
+            if decoded is None
+            else decoded[position]
+        )
+        assert result is not None  # images_to_decode picks exactly these records
+        if isinstance(result, DecodeFailure):
+            reject(rec, sid, result.reason, result.detail)
             continue
-        claimed[sid] = decoded.sha256
-        candidates.append(_Candidate(rec, sid, decoded))
+        claimed[sid] = result.sha256
+        candidates.append(_Candidate(rec, sid, result))
 
     frame = pd.DataFrame(
         {
@@ -157,34 +200,40 @@ def prepare_shard(
 
     image_emb = text_emb = None
     if embedder is not None and accepted:
-        image_emb = embedder.embed_images([c.decoded.image for c in accepted])
+        image_emb = embedder.embed_images([_pixels(c) for c in accepted])
         text_emb = embedder.embed_texts([c.record.caption or "" for c in accepted])
 
-    samples = pa.Table.from_pylist(
-        [
-            {
-                "sample_id": c.sample_id,
-                "dataset": dataset,
-                "key": c.record.key,
-                "source": c.record.source,
-                "image": c.record.image,
-                "image_format": c.decoded.format,
-                "width": c.decoded.width,
-                "height": c.decoded.height,
-                "sha256": c.decoded.sha256,
-                "phash": c.decoded.phash,
-                "caption": c.record.caption,
-                "metadata": canonical_metadata(c.record.metadata),
-                "embedding_model": embedder.name if embedder is not None else None,
-                "image_embedding": None if image_emb is None else image_emb[i].tolist(),
-                "text_embedding": None if text_emb is None else text_emb[i].tolist(),
-                "ingest_run_id": run_id,
-                "ingested_at": now,
-            }
-            for i, c in enumerate(accepted)
-        ],
+    n = len(accepted)
+
+    def embeddings(values) -> pa.Array:
+        if values is None:
+            return pa.nulls(n, SAMPLES.field("image_embedding").type)
+        return pa.array(values.tolist(), SAMPLES.field("image_embedding").type)
+
+    columns = {
+        "sample_id": [c.sample_id for c in accepted],
+        "dataset": [dataset] * n,
+        "key": [c.record.key for c in accepted],
+        "source": [c.record.source for c in accepted],
+        "image": [c.record.image for c in accepted],
+        "image_format": [c.decoded.format for c in accepted],
+        "width": [c.decoded.width for c in accepted],
+        "height": [c.decoded.height for c in accepted],
+        "sha256": [c.decoded.sha256 for c in accepted],
+        "phash": [c.decoded.phash for c in accepted],
+        "caption": [c.record.caption for c in accepted],
+        "metadata": [canonical_metadata(c.record.metadata) for c in accepted],
+        "embedding_model": [embedder.name if embedder is not None else None] * n,
+        "image_embedding": embeddings(image_emb),
+        "text_embedding": embeddings(text_emb),
+        "ingest_run_id": [run_id] * n,
+        "ingested_at": [now] * n,
+    }
+    samples = pa.table(
+        [c if isinstance(c, pa.Array) else pa.array(c, f.type)
+         for f, c in ((f, columns[f.name]) for f in SAMPLES)],
         schema=SAMPLES,
-    )
+    )  # fmt: skip
     return ShardResult(
         samples=samples,
         quarantine=pa.Table.from_pylist(quarantined, schema=QUARANTINE),

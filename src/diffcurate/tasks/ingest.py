@@ -7,15 +7,27 @@ have transient failures; a retried write inserts nothing twice (merge on primary
 
 from __future__ import annotations
 
+import os
+import socket
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from diffcurate.ingest.decode import DecodeResult, decode_many
 from diffcurate.ingest.dedup import DuplicateGroups
 from diffcurate.ingest.duplicates import write_duplicate_groups
 from diffcurate.ingest.shard import ShardResult, prepare_shard
 from diffcurate.storage.lance_store import LanceStore
 
 prepare_shard_task = task(prepare_shard, name="prepare-shard", cache_policy=NO_CACHE)
+
+
+@task(name="decode-images", cache_policy=NO_CACHE)
+def decode_images(
+    images: list[bytes | None], max_pixels: int
+) -> tuple[str, list[DecodeResult | None]]:
+    """Decode and hash one shard's images on a (Dask) worker; returns (worker, results)."""
+    return f"{socket.gethostname()}:{os.getpid()}", decode_many(images, max_pixels)
 
 
 @task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
