@@ -38,7 +38,6 @@ from diffcurate.models.inputs import ModelInputs, encode_pixels
 from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger, RunRecord
-from diffcurate.storage.sketches import SketchStore
 from diffcurate.workspace import Workspace
 
 
@@ -154,7 +153,7 @@ def find_run(
 
 
 def _from_sketches(
-    store_uri: str,
+    store: LanceStore,
     run: RunRecord,
     spec: ScorerSpec,
     model: DiffusionModel,
@@ -168,7 +167,7 @@ def _from_sketches(
     objective = scoring_objective(spec, model)
     sketch = sketch_function(spec)(objective, model.unet, images, [key], cond)
     table = run.stats.get("sketch_table") or "sketches"
-    sketches = SketchStore(store_uri, table=table)
+    sketches = store.sketches(table)
     hits = sketches.top_k(sketch.numpy(), k, run.run_id, exact=exact)[0]
     return hits.sample_ids, hits.scores, sketches.count(run.run_id)
 
@@ -236,7 +235,7 @@ def attribute_image(
     if not model_path.exists():
         raise FileNotFoundError(f"model not found: {model_path}")
     layout = Workspace(workspace)
-    store = LanceStore(layout.lancedb_uri)
+    store = LanceStore.open(layout)
     ledger = Ledger(layout.ledger_path)
     run = find_run(ledger, scorer, model_path, run_id, dataset)
     if run is not None and load is None:
@@ -253,7 +252,7 @@ def attribute_image(
                 + f": run `diffcurate score --scorer {scorer}` first (it stores the sketches)"
             )
         spec = ScorerSpec.model_validate(run.params["scorer"])
-        ids, scores, searched = _from_sketches(store.uri, run, spec, model, query, top_k, exact)
+        ids, scores, searched = _from_sketches(store, run, spec, model, query, top_k, exact)
         mode = "exact scan of the stored sketches" if exact else "ANN index"
         dataset = run.dataset
     else:

@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from diffcurate.workspace import Workspace
+from diffcurate.workspace import Workspace, check_storage_options
 
 CONFIG_ENV_VAR = "DIFFCURATE_CONFIG"
 DEFAULT_CONFIG_FILE = "diffcurate.toml"
@@ -126,6 +126,38 @@ class AttributeSettings(BaseModel):
     faces: bool = Field(True, description="Count faces with the bundled detector (OpenCV Haar).")
 
 
+class TablesSettings(BaseModel):
+    """Where the LanceDB tables live; the ledger, locks, models and caches stay in the workspace.
+
+    A workspace records its tables location the first time a command runs with it (see
+    :mod:`diffcurate.workspace`), so later commands, flows and workers need only the workspace.
+    Credentials are refused here: the store's own environment variables carry them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(
+        None,
+        description=(
+            "LanceDB URI of the tables: s3://bucket/prefix (also gs://, az://) or a directory. "
+            "Unset: WORKSPACE/lancedb, or the location the workspace recorded."
+        ),
+    )
+    storage_options: dict[str, str] | None = Field(
+        None,
+        description=(
+            "Lance object-store options, e.g. endpoint, region, allow_http (for an "
+            "S3-compatible server). Unset: the recorded ones. Never credentials."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> TablesSettings:
+        if self.storage_options is not None:
+            check_storage_options(self.storage_options)
+        return self
+
+
 class Settings(BaseSettings):
     """All diffcurate settings. Construct with :func:`load_settings`."""
 
@@ -148,6 +180,7 @@ class Settings(BaseSettings):
     clip: ClipSettings = Field(default_factory=ClipSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     attributes: AttributeSettings = Field(default_factory=AttributeSettings)
+    tables: TablesSettings = Field(default_factory=TablesSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -168,8 +201,9 @@ class Settings(BaseSettings):
 
     @property
     def layout(self) -> Workspace:
-        """Every path under ``workspace`` (see :mod:`diffcurate.workspace`)."""
-        return Workspace(self.workspace)
+        """Every path under ``workspace`` and the tables location (see
+        :mod:`diffcurate.workspace`)."""
+        return Workspace(self.workspace, self.tables.uri, self.tables.storage_options)
 
 
 def apply_threads(threads: int | None) -> None:

@@ -48,7 +48,7 @@ def audit_attributes(
         validate_dataset_name(dataset)
     except ValueError as e:
         raise fail(str(e)) from e
-    store = LanceStore(settings.layout.lancedb_uri)
+    store = LanceStore.open(settings.layout)
     if store.count("samples", dataset) == 0:
         raise fail(f"dataset {dataset!r} has no samples (ingest it first)")
     ledger = Ledger(settings.layout.ledger_path)

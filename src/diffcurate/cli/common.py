@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from diffcurate.config import Settings, apply_threads, load_settings
 from diffcurate.storage.ledger_errors import LedgerError
+from diffcurate.workspace import TablesLocationError
 
 # soft_wrap: messages carry paths and ids that must stay copy-pastable; let terminals wrap.
 out = Console(soft_wrap=True)
@@ -82,7 +83,9 @@ WorkspaceOpt = Annotated[
     typer.Option(
         "--workspace",
         "-w",
-        help="Workspace directory [default: $DIFFCURATE_WORKSPACE or ./workspace].",
+        help="Workspace directory: ledger, models, caches, and the LanceDB tables unless "
+        "tables.uri puts them elsewhere (s3://...) [default: $DIFFCURATE_WORKSPACE or "
+        "./workspace].",
         show_default=False,
     ),
 ]
@@ -100,6 +103,11 @@ def workspace_settings(workspace: Path | None) -> Settings:
         err.print(f"[red]error:[/red] invalid configuration:\n{e}")
         raise typer.Exit(2) from e
     settings.workspace.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.layout.bind_tables()
+    except TablesLocationError as e:
+        err.print(Text.assemble(("error:", "red"), " ", str(e)))
+        raise typer.Exit(2) from e
     apply_threads(settings.threads)
     # Prefect's ephemeral mode keeps its state in PREFECT_HOME: keep it inside the workspace.
     os.environ.setdefault("PREFECT_HOME", str(settings.layout.prefect_home.resolve()))

@@ -65,7 +65,7 @@ def quarantine(
     from diffcurate.storage.lance_store import LanceStore
 
     settings = workspace_settings(workspace)
-    store = LanceStore(settings.layout.lancedb_uri)
+    store = LanceStore.open(settings.layout)
     table = store.read(
         "quarantine", dataset=dataset, columns=["dataset", "key", "source", "reason", "detail"]
     ).to_pylist()
@@ -88,7 +88,7 @@ def datasets(workspace: WorkspaceOpt = None) -> None:
     from diffcurate.storage.lance_store import LanceStore
 
     settings = workspace_settings(workspace)
-    store = LanceStore(settings.layout.lancedb_uri)
+    store = LanceStore.open(settings.layout)
     samples = Counter(store.read("samples", columns=["dataset"]).column("dataset").to_pylist())
     quarantined = Counter(
         store.read("quarantine", columns=["dataset"]).column("dataset").to_pylist()
@@ -99,6 +99,7 @@ def datasets(workspace: WorkspaceOpt = None) -> None:
     for name in sorted(set(samples) | set(quarantined)):
         t.add_row(safe(name), str(samples[name]), str(quarantined[name]), str(in_dup[name]))
     out.print(t)
+    out.print(f"tables: {safe(store.uri)}")
 
 
 def config(workspace: WorkspaceOpt = None) -> None:

@@ -62,7 +62,7 @@ def _open_settings(settings):
     from diffcurate.storage.lance_store import LanceStore
     from diffcurate.storage.ledger import Ledger
 
-    return LanceStore(settings.layout.lancedb_uri), Ledger(settings.layout.ledger_path)
+    return LanceStore.open(settings.layout), Ledger(settings.layout.ledger_path)
 
 
 def _refuse(e: Exception) -> typer.Exit:

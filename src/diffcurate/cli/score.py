@@ -294,7 +294,7 @@ def print_top_scores(settings: Settings, run_id: str, top: int) -> None:
     """Print the ``top`` riskiest samples of a score run with their keys and captions."""
     from diffcurate.storage.lance_store import LanceStore
 
-    store = LanceStore(settings.layout.lancedb_uri)
+    store = LanceStore.open(settings.layout)
     rows = store.read(
         "scores", columns=["sample_id", "score", "stderr"], where={"run_id": run_id}
     ).to_pylist()

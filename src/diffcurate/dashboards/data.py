@@ -99,7 +99,7 @@ class DashboardData:
         self.workspace = Path(workspace)
         self.layout = Workspace(self.workspace)
         self.ledger = Ledger(self.layout.ledger_path)
-        self.store = LanceStore(self.layout.lancedb_uri)
+        self.store = LanceStore.open(self.layout)
         self.users = UserStore(self.ledger.path)
         self.lock = threading.RLock()
         self.thumbs = ThumbCache()

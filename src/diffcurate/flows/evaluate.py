@@ -138,7 +138,7 @@ def eval_flow(params: EvalParams) -> EvalSummary:
     started = time.perf_counter()
     ws = params.workspace
     layout = Workspace(ws)
-    store = LanceStore(layout.lancedb_uri)
+    store = LanceStore.open(layout)
     ledger = Ledger(layout.ledger_path)
     if not params.model.exists():
         raise FileNotFoundError(f"model not found: {params.model}")

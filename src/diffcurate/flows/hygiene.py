@@ -399,7 +399,7 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
     started = time.perf_counter()
     ws = params.workspace
     layout = Workspace(ws)
-    store = LanceStore(layout.lancedb_uri)
+    store = LanceStore.open(layout)
     ledger = Ledger(layout.ledger_path)
     if not params.model.exists():
         raise FileNotFoundError(f"model not found: {params.model}")

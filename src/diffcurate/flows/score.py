@@ -171,13 +171,13 @@ def shards_of(units: list[list[str]], shard_size: int) -> list[list[str]]:
     return shards
 
 
-def sketch_table_for(uri: str, width: int) -> SketchStore:
+def sketch_table_for(store: LanceStore, width: int) -> SketchStore:
     """The ``sketches`` table, or ``sketches_<width>`` when it holds another vector width
     (one Lance table holds one width)."""
-    store = SketchStore(uri)
-    if store.width() in (None, width):
-        return store
-    return SketchStore(uri, table=f"{SKETCH_TABLE}_{width}")
+    sketches = store.sketches()
+    if sketches.width() in (None, width):
+        return sketches
+    return store.sketches(f"{SKETCH_TABLE}_{width}")
 
 
 def _score_distributed(
@@ -196,7 +196,7 @@ def _score_distributed(
     if state is not None:
         state_path = str(save_state(state, layout.run_state_path(run_id)))
     model_dir = str(params.model.resolve()) if uses_model and params.model is not None else None
-    store = LanceStore(layout.lancedb_uri)
+    store = LanceStore.open(layout)
     with dask_task_runner(params.dask) as runner:
         outcome = run_sharded(
             runner=runner, store=store, dataset=params.dataset, run_id=run_id, shards=shards,
@@ -230,8 +230,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
     log = get_run_logger()
     started = time.perf_counter()
     layout = Workspace(params.workspace)
-    uri = layout.lancedb_uri
-    store = LanceStore(uri)
+    store = LanceStore.open(layout)
     ledger = Ledger(layout.ledger_path)
     spec = params.scorer
     # 1. Run identity.
@@ -276,7 +275,7 @@ def score_flow(params: ScoreParams) -> ScoreSummary:
             )
         else:
             width = len(summary.timesteps) * spec.scorer.sketch_dim(spec)
-            sketches = sketch_table_for(uri, width)
+            sketches = sketch_table_for(store, width)
             summary.sketch_table = sketches.name
             done = sketches.stored_ids(run_id)
         units = [u for u in batch_units(ids, spec) if not all(i in done for i in u)]

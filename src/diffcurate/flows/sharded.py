@@ -203,7 +203,7 @@ def run_sharded(
                 "lancedb_uri": store.uri, "dataset": dataset, "run_id": run_id,
                 "sample_ids": shards[k], "model_dir": model_dir,
                 "model_fingerprint": model_fingerprint, "spec": spec, "state_path": state_path,
-                "load": load, "geometry": geometry,
+                "load": load, "geometry": geometry, "storage_options": store.storage_options,
             }  # fmt: skip
             futures[runner.submit(task, parameters=parameters).wrapped_future] = k
         failed: list[BaseException] = []

@@ -83,7 +83,7 @@ def train_flow(params: TrainParams) -> TrainSummary:
         "train", dataset=params.dataset, source=params.arch, params=run_params
     ) as run:
         data = prepare_reference_training(
-            LanceStore(layout.lancedb_uri), params.dataset, params.arch, model_dir,
+            LanceStore.open(layout), params.dataset, params.arch, model_dir,
             seed=config.seed, scheduler=params.scheduler,
             vae=params.vae, geometry=params.geometry, progress=params.progress,
         )  # fmt: skip

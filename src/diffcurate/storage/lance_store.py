@@ -7,7 +7,7 @@ any bookkeeping beyond the data itself. Each merge is one atomic Lance commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import lancedb
@@ -19,6 +19,8 @@ from diffcurate.storage.schemas import validate_dataset_name as validate_dataset
 
 if TYPE_CHECKING:
     from diffcurate.storage.latent_cache import LatentCache
+    from diffcurate.storage.sketches import SketchStore
+    from diffcurate.workspace import Workspace
 
 
 def _literal(value: str) -> str:
@@ -27,11 +29,23 @@ def _literal(value: str) -> str:
 
 
 class LanceStore:
-    """Opens (creating on first use) the workspace's LanceDB tables."""
+    """Opens (creating on first use) the workspace's LanceDB tables.
 
-    def __init__(self, uri: str) -> None:
+    Args:
+        uri: A directory or an object-store URI (``s3://bucket/prefix``).
+        storage_options: Lance object-store options (endpoint, region, ...); Lance datasets
+            opened through the tables (``to_lance()``) inherit them.
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, str] | None = None) -> None:
         self.uri = uri
-        self.db = lancedb.connect(uri)
+        self.storage_options = dict(storage_options or {})
+        self.db = lancedb.connect(uri, storage_options=self.storage_options or None)
+
+    @classmethod
+    def open(cls, workspace: Workspace) -> LanceStore:
+        """The tables of ``workspace``, wherever it keeps them: how every caller opens them."""
+        return cls(workspace.lancedb_uri, workspace.lance_storage_options)
 
     def table(self, name: str) -> lancedb.table.Table:
         schema, _ = TABLES[name]
@@ -48,6 +62,12 @@ class LanceStore:
         from diffcurate.storage.latent_cache import LatentCache
 
         return LatentCache(self)
+
+    def sketches(self, table: str | None = None) -> SketchStore:
+        """A sketches table (dmin vectors) on the same connection settings."""
+        from diffcurate.storage.sketches import SKETCH_TABLE, SketchStore
+
+        return SketchStore(self.uri, table or SKETCH_TABLE, self.storage_options)
 
     def has_table(self, name: str) -> bool:
         return name in self.db.list_tables().tables

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -42,7 +42,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import HnswSq, IvfHnswFlat, IvfHnswSq, IvfPq
 
-from diffcurate.storage.lance_store import validate_dataset_name
+from diffcurate.storage.schemas import validate_dataset_name
+from diffcurate.workspace import is_local_uri
 
 SKETCH_TABLE = "sketches"
 KEY = "sketch_id"
@@ -104,10 +105,16 @@ class TopK:
 class SketchStore:
     """The sketches table of a workspace (created on first write)."""
 
-    def __init__(self, uri: str, table: str = SKETCH_TABLE) -> None:
+    def __init__(
+        self,
+        uri: str,
+        table: str = SKETCH_TABLE,
+        storage_options: Mapping[str, str] | None = None,
+    ) -> None:
         self.uri = uri
         self.name = table
-        self.db = lancedb.connect(uri)
+        self.storage_options = dict(storage_options or {})
+        self.db = lancedb.connect(uri, storage_options=self.storage_options or None)
 
     # ------------------------------------------------------------------------------ table
     def exists(self) -> bool:
@@ -336,6 +343,8 @@ def _data_file_bytes(ds: object) -> int:
         for data_file in frag.data_files():
             size = data_file.file_size_bytes
             if size is None:
+                if not is_local_uri(ds.uri):  # type: ignore[attr-defined]
+                    raise ValueError(f"{ds.uri} does not record its data files' sizes")  # type: ignore[attr-defined]
                 size = os.path.getsize(os.path.join(ds.uri, "data", data_file.path))  # type: ignore[attr-defined]
             total += int(size)
     return total

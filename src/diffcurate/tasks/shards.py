@@ -109,11 +109,12 @@ def score_and_write_shard(
     state_path: str | None,
     load: LoadOptions | None = None,
     geometry: str = "center-crop",
+    storage_options: dict[str, str] | None = None,
 ) -> ShardReport:
     """Score one shard and merge its ``scores`` rows; skip it when every row is already there."""
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    store = LanceStore(lancedb_uri)
+    store = LanceStore(lancedb_uri, storage_options)
     ids = list(sample_ids)
     present = store.read("scores", columns=["sample_id"],
                          where={"run_id": run_id, "sample_id": ids})  # fmt: skip
