@@ -28,18 +28,22 @@ from diffcurate.curation.flag import FlagPolicy
 from diffcurate.curation.groups import GroupBy
 from diffcurate.curation.measure import MeasureConfig, ModelMeasurement
 from diffcurate.flows.gate_inputs import (
-    caption_embeddings,
     duplicate_group_of,
     gate_images,
     metadata_frame,
     resolve_secrets,
 )
-from diffcurate.flows.hygiene import flag_task, measure_task, mitigate_task, needs_neighbours
+from diffcurate.flows.hygiene import (
+    flag_task,
+    measure_task,
+    mitigate_task,
+    needs_neighbours,
+    training_rows,
+)
 from diffcurate.flows.score import ScoreParams, score_flow
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.mitigation import MitigationConfig
 from diffcurate.models.images import Geometry
-from diffcurate.models.inputs import load_inputs
 from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import DatasetName, LanceStore
 from diffcurate.storage.ledger import Ledger
@@ -153,8 +157,6 @@ def eval_flow(params: EvalParams) -> EvalSummary:
         summary.n_samples = len(all_ids)
         secret_ids, _ = resolve_secrets(params.secrets, frame, [])
         model = load_model(params.model, options=params.load)
-        x0 = load_inputs(store, params.dataset, model, all_ids, geometry=params.geometry).x0
-        row_of = {sid: i for i, sid in enumerate(all_ids)}
         uncond = model.text_encoder.encode([""]) if model.text_encoder is not None else None
         images = gate_images(
             store, params.dataset, model, frame, secret_ids, training_ids=all_ids,
@@ -174,21 +176,20 @@ def eval_flow(params: EvalParams) -> EvalSummary:
         def candidates(scorer: str, kept: list[str], **kw: object) -> None:
             kept_set = set(kept)
             removed = [i for i in all_ids if i not in kept_set]
-            kept_x0 = x0[[row_of[i] for i in kept]]
+            kept_rows = training_rows(store, params.dataset, model, kept, params.geometry)
             for config in params.mitigations:
                 if config.needs_forget and not removed:
                     # Unlearning nothing leaves the model as it is: the control is the original.
                     summary.rows.append(_row(scorer, config.method, original, **kw))
                     continue
                 t0 = time.perf_counter()
-                forget = forget_cond = None
+                forget = None
                 if config.needs_forget:
-                    forget = x0[[row_of[i] for i in removed]]
-                    forget_cond = caption_embeddings(model, frame, removed)
-                candidate = mitigate_task(quote(model), quote(kept_x0), config,
-                                          quote(caption_embeddings(model, frame, kept)),
-                                          params.progress, quote(uncond), quote(forget),
-                                          quote(forget_cond))  # fmt: skip
+                    forget = training_rows(store, params.dataset, model, removed,
+                                           params.geometry)  # fmt: skip
+                candidate = mitigate_task(quote(model), quote(kept_rows), config,
+                                          params.progress, quote(uncond),
+                                          quote(forget))  # fmt: skip
                 seconds = time.perf_counter() - t0
                 row = _row(scorer, config.method, measure(candidate, tau),
                            mitigate_seconds=round(seconds, 3), **kw)  # fmt: skip

@@ -44,7 +44,6 @@ from diffcurate.curation.measure import MeasureConfig, ModelMeasurement, measure
 from diffcurate.curation.retrigger import measure_retrigger
 from diffcurate.flows.gate_inputs import (
     GateImages,
-    caption_embeddings,
     duplicate_group_of,
     gate_images,
     metadata_frame,
@@ -57,8 +56,9 @@ from diffcurate.metrics.audit_units import CountingUnit, UnitAudit, audit_by_uni
 from diffcurate.mitigation import MitigationConfig, mitigate
 from diffcurate.models.diffusion import DiffusionModel, save_diffusion_model
 from diffcurate.models.images import Geometry
-from diffcurate.models.inputs import load_inputs
+from diffcurate.models.lance_data import LanceTrainingData
 from diffcurate.models.load_options import LoadOptions
+from diffcurate.models.training_data import TrainingData
 from diffcurate.storage.attributes import AttributeProvenance, read_attributes
 from diffcurate.storage.gate_validation import validate_gate_table
 from diffcurate.storage.lance_store import DatasetName, LanceStore
@@ -243,18 +243,15 @@ def generations_audit_task(
 @task(name="mitigate", cache_policy=NO_CACHE)
 def mitigate_task(
     model: DiffusionModel,
-    pixels: torch.Tensor,
+    kept: TrainingData,
     config: MitigationConfig,
-    conditioning: torch.Tensor | None,
     progress: bool,
     unconditional: torch.Tensor | None = None,
-    removed: torch.Tensor | None = None,
-    removed_conditioning: torch.Tensor | None = None,
+    removed: TrainingData | None = None,
 ) -> DiffusionModel:
     """The candidate from the kept samples (and the removed ones, for unlearning methods)."""
-    candidate, _ = mitigate(model, pixels, config, conditioning=conditioning, progress=progress,
-                            unconditional=unconditional, removed_images=removed,
-                            removed_conditioning=removed_conditioning)  # fmt: skip
+    candidate, _ = mitigate(model, kept, config, progress=progress, unconditional=unconditional,
+                            removed_images=removed)  # fmt: skip
     return candidate
 
 
@@ -373,6 +370,14 @@ def retrigger_stats(before: ModelMeasurement, after: ModelMeasurement) -> dict[s
     }  # fmt: skip
 
 
+def training_rows(
+    store: LanceStore, dataset: str, model: DiffusionModel, ids: list[str], geometry: Geometry
+) -> LanceTrainingData:
+    """The rows ``model`` trains on for ``ids``, read from LanceDB one batch at a time (so a
+    run's memory does not grow with the corpus), latents filled into the cache first."""
+    return LanceTrainingData(store, dataset, model, ids, geometry=geometry)
+
+
 def needs_neighbours(config: MeasureConfig, model: DiffusionModel) -> bool:
     """Whether the rule in force for ``model`` compares with the nearest training images."""
     return config.policy_for(model).relative
@@ -486,22 +491,21 @@ def hygiene_flow(params: HygieneParams) -> HygieneSummary:
             summary.audit_unit_disagreements = [c.explanation for c in by_unit.comparisons]
         clock.lap("audit")
 
-        # 4. Mitigate, on what the model consumes (VAE latents are cached across runs).
+        # 4. Mitigate, on what the model consumes, streamed from LanceDB a batch at a time
+        # (VAE latents are cached across runs).
         model = load_model(params.model, options=params.load)
-        kept_inputs = load_inputs(store, params.dataset, model, kept, geometry=params.geometry)
-        summary.geometry = kept_inputs.geometry.model_dump(mode="json")
-        summary.geometry_warning = kept_inputs.geometry.warning()
+        kept_rows = training_rows(store, params.dataset, model, kept, params.geometry)
+        summary.geometry = kept_rows.geometry.model_dump(mode="json")
+        summary.geometry_warning = kept_rows.geometry.warning()
         if summary.geometry_warning:
             log.warning("%s", summary.geometry_warning)
         uncond = model.text_encoder.encode([""]) if model.text_encoder is not None else None
-        forget = forget_cond = None
+        forget = None
         if params.mitigation.needs_forget:  # unlearning methods also see the removed samples
-            forget = load_inputs(store, params.dataset, model, removed, geometry=params.geometry).x0
-            forget_cond = caption_embeddings(model, frame, removed)
+            forget = training_rows(store, params.dataset, model, removed, params.geometry)
         candidate = mitigate_task(
-            quote(model), quote(kept_inputs.x0), params.mitigation,
-            quote(caption_embeddings(model, frame, kept)), params.progress, quote(uncond),
-            quote(forget), quote(forget_cond),
+            quote(model), quote(kept_rows), params.mitigation, params.progress, quote(uncond),
+            quote(forget),
         )  # fmt: skip
         out_dir = layout.hygiene_model_dir(params.dataset, run_id)
         save_diffusion_model(candidate, out_dir)
