@@ -13,7 +13,12 @@ import pytest
 
 from diffcurate.storage.lance_store import LanceStore
 from diffcurate.storage.ledger import Ledger
-from diffcurate.storage.releases import ReleaseInfo, create_candidate, manifest_ids
+from diffcurate.storage.releases import (
+    RESERVED_KEYS,
+    ReleaseInfo,
+    create_candidate,
+    manifest_ids,
+)
 from diffcurate.storage.users import ROLES, UserStore
 
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
@@ -89,9 +94,8 @@ def fresh_candidate(ws: Path, tag: str) -> ReleaseInfo:
     """A new pending candidate with the same sets and provenance as ``tag``."""
     store, ledger = LanceStore(str(ws / "lancedb")), Ledger(ws / "ledger.duckdb")
     ids = manifest_ids(ledger, tag)
-    own = {"dataset", "tag", "n", "lance_table", "lance_version", "kept_ids", "removed_ids",
-           "n_kept", "n_removed", "samples_version", "created_at", "created_by", "based_on",
-           "overrides", "candidate", "approved_by", "approval_comment", "override"}  # fmt: skip
+    own = RESERVED_KEYS | {"based_on", "overrides", "candidate", "approved_by",
+                           "approval_comment", "override"}  # fmt: skip
     manifest = {k: v for k, v in ledger.release(tag)["manifest"].items() if k not in own}
     return create_candidate(store, ledger, ledger.release(tag)["dataset"], ids["kept"],
                             ids["removed"], manifest=manifest, created_by="tests")  # fmt: skip

@@ -61,9 +61,14 @@ def split(store, n_removed=3, dataset="digits"):
     return all_ids[n_removed:], all_ids[:n_removed]
 
 
-def lance_tags(store, dataset="digits"):
+def all_lance_tags(store, dataset="digits"):
     table = store.db.open_table(rel.release_table_name(dataset))
     return {t: int(v["version"]) for t, v in table.tags.list().items()}
+
+
+def lance_tags(store, dataset="digits"):
+    """The candidate and release tags (not the base tags candidates are cut from)."""
+    return {t: v for t, v in all_lance_tags(store, dataset).items() if "-base-" not in t}
 
 
 def test_candidate_tag_holds_exactly_the_kept_rows_and_samples_is_unchanged(env):
@@ -75,7 +80,9 @@ def test_candidate_tag_holds_exactly_the_kept_rows_and_samples_is_unchanged(env)
                                 {"runs": {"score": "score-1"}, "gate_passed": True})  # fmt: skip
     assert info.tag == "digits-candidate-1" and info.kind == "candidate"
     assert (info.n, info.n_kept, info.n_removed, info.status) == (1, 17, 3, "pending")
-    assert lance_tags(store) == {"digits-candidate-1": info.lance_version}
+    base = rel.base_tag_name("digits", version_before)
+    assert all_lance_tags(store) == {"digits-candidate-1": info.lance_version,
+                                     base: all_lance_tags(store)[base]}  # fmt: skip
     assert store.db.open_table("release_digits").schema == SAMPLES
     rows = rel.checkout(store, ledger, info.tag)
     assert sorted(rows["sample_id"].to_pylist()) == kept

@@ -1,25 +1,33 @@
 """Releases: tagged LanceDB table versions of the samples a hygiene run kept.
 
-Each dataset has its own Lance table ``release_<dataset>`` (``samples`` schema). A candidate
-overwrites that table with exactly the kept rows (one Lance commit: a new version; older
-versions stay readable) and tags the version ``<dataset>-candidate-<n>``. Approval tags the same
-version ``<dataset>-release-<n>`` (same ``n``: a release names the candidate it came from).
-``samples`` is only read, never written: nothing is deleted from it.
+Each dataset has its own Lance table ``release_<dataset>`` (``samples`` schema). The dataset's
+rows are copied into it once per ``samples`` version: the *base* version, tagged
+``<dataset>-base-<samples version>``. A candidate restores the base version and deletes the
+removed ids (Lance deletion files: no kept row is rewritten, so a candidate writes bytes in
+proportion to the rows it removes), and tags the resulting version ``<dataset>-candidate-<n>``.
+Approval tags the same version ``<dataset>-release-<n>`` (same ``n``: a release names the
+candidate it came from). ``samples`` is only read, never written: nothing is deleted from it.
+Candidates written before bases existed (a full overwrite with the kept rows) still read and
+verify: both are tagged versions holding exactly the kept rows.
 
 Immutability: this module only ever *creates* Lance tags (never updates or deletes one), and Lance
 refuses to create a tag whose name exists. Tagged versions are exempt from Lance's version
 cleanup. Each tag's version is also recorded in the ledger, so :func:`verify` detects a tag moved
 behind diffcurate's back (e.g. with Lance's own ``tags.update``).
 
-The ledger holds, per tag, the manifest (JSON, queryable with DuckDB: kept/removed ids, the
+The ledger holds, per tag, the manifest (JSON, queryable with DuckDB: removed ids, the
 ``samples`` version read, and whatever the hygiene flow adds: run ids, audit and gate
 summaries) and the append-only decisions (approve / reject / override), attributed to an actor
-and role. A candidate is decided once: approved (then released) or rejected.
+and role. The base's ids are stored once per base (in the manifest of the first candidate built
+on it); a candidate stores its removed ids and a digest of its kept ids, and
+:func:`manifest_ids` derives the kept ids (base minus removed) and checks them against that
+digest. A candidate is decided once: approved (then released) or rejected.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +46,8 @@ _TAG = re.compile(r"^(?P<dataset>.+)-(?P<kind>candidate|release)-(?P<n>[1-9][0-9
 # Manifest keys written here; the caller's manifest may not set them.
 RESERVED_KEYS = frozenset(
     {"dataset", "tag", "n", "lance_table", "lance_version", "kept_ids", "removed_ids",
-     "n_kept", "n_removed", "samples_version", "created_at", "created_by"}
+     "n_kept", "n_removed", "samples_version", "created_at", "created_by", "base_tag",
+     "base_version", "base_ids", "base_ids_in", "kept_digest"}
 )  # fmt: skip
 _READ_BATCH = 1024
 
@@ -199,31 +208,21 @@ def create_candidate(
     table = _open_release_table(store, dataset)
     if tag in _lance_tags(table):  # next_n saw every tag; only a concurrent writer gets here
         raise ReleaseError(f"tag {tag!r} already exists on {table.name}")
-    keep = pa.array(kept, pa.string())
+    base_ids = sorted(all_ids)
+    base_tag, base_version = _base(table, ledger, samples, dataset, len(base_ids))
+    version = _delete_removed(table, base_version, kept, removed)
+    table.to_lance().tags.create(tag, version)
 
-    def kept_batches() -> Iterator[pa.RecordBatch]:  # memory bounded by the batch size
-        for batch in samples.to_batches(filter=where, batch_size=_READ_BATCH):
-            mask = pc.is_in(batch.column("sample_id"), value_set=keep)
-            yield batch.filter(mask).select(SAMPLES.names).cast(SAMPLES)
-
-    # One Lance overwrite commit: a new version holding only the kept rows. Written through
-    # Lance, not lancedb's `add`, which re-infers the schema on overwrite (it would turn the
-    # variable-length embedding lists into fixed-size vectors).
-    ds = table.to_lance()
-    ds.insert(pa.RecordBatchReader.from_batches(SAMPLES, kept_batches()), mode="overwrite")
-    version = int(ds.version)
-    written = ds.count_rows()
-    if written != len(kept):  # the partition check above makes this unreachable
-        raise ReleaseIntegrityError(f"wrote {written} rows for {len(kept)} kept ids")
-    ds.tags.create(tag, version)
-
+    holder = _base_ids_holder(ledger, dataset, table.name, base_version)
     created_at = datetime.now(UTC)
     full = {
         **extra,
         "dataset": dataset, "tag": tag, "n": n, "lance_table": table.name,
         "lance_version": version, "samples_version": samples_version,
+        "base_tag": base_tag, "base_version": base_version,
+        **({"base_ids": base_ids} if holder is None else {"base_ids_in": holder}),
         "n_kept": len(kept), "n_removed": len(removed),
-        "kept_ids": sorted(kept), "removed_ids": sorted(removed),
+        "kept_digest": kept_digest(kept), "removed_ids": sorted(removed),
         "created_at": created_at.isoformat(), "created_by": actor,
     }  # fmt: skip
     ledger.record_release(
@@ -232,6 +231,105 @@ def create_candidate(
         created_by=actor,
     )  # fmt: skip
     return show(ledger, tag)
+
+
+def kept_digest(kept: Iterable[str]) -> str:
+    """SHA-256 of the sorted kept ids, one per line: the ledger's O(1) record of a kept set."""
+    h = hashlib.sha256()
+    for sample_id in sorted(kept):
+        h.update(sample_id.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def base_tag_name(dataset: str, samples_version: int) -> str:
+    return f"{dataset}-base-{samples_version}"
+
+
+def _base(table, ledger: Ledger, samples, dataset: str, n_rows: int) -> tuple[str, int]:
+    """The tag and version of the release table holding every row of ``dataset`` as of the
+    pinned ``samples`` version, copying the rows only when no such version is tagged yet.
+
+    The copy is the one full write per ``samples`` version; every candidate of that version
+    reuses it. A base tag moved outside diffcurate is refused: candidates would be cut from
+    rows that are not the dataset's.
+    """
+    samples_version = int(samples.version)
+    tag = base_tag_name(dataset, samples_version)
+    ds = table.to_lance()
+    if (version := _lance_tags(table).get(tag)) is not None:
+        recorded = _recorded_base_version(ledger, dataset, table.name, tag)
+        if recorded is not None and recorded != version:
+            raise ReleaseIntegrityError(
+                f"base tag {tag!r} points at version {version} of {table.name}; the ledger "
+                f"recorded {recorded}: the tag was moved outside diffcurate"
+            )
+        if ds.checkout_version(version).count_rows() != n_rows:
+            raise ReleaseIntegrityError(
+                f"base {tag!r} does not hold the {n_rows} rows of {dataset!r}"
+            )
+        return tag, version
+    where = f"dataset = '{dataset}'"  # validated name: no quotes
+
+    def rows() -> Iterator[pa.RecordBatch]:  # memory bounded by the batch size
+        for batch in samples.to_batches(filter=where, batch_size=_READ_BATCH):
+            yield batch.select(SAMPLES.names).cast(SAMPLES)
+
+    # One Lance overwrite commit. Written through Lance, not lancedb's `add`, which re-infers
+    # the schema on overwrite (it would turn the variable-length embedding lists into
+    # fixed-size vectors).
+    ds.insert(pa.RecordBatchReader.from_batches(SAMPLES, rows()), mode="overwrite")
+    version = int(ds.version)
+    if (written := ds.count_rows()) != n_rows:
+        raise ReleaseIntegrityError(f"copied {written} rows of {dataset!r}, expected {n_rows}")
+    ds.tags.create(tag, version)
+    return tag, version
+
+
+def _delete_removed(table, base_version: int, kept: list[str], removed: list[str]) -> int:
+    """Commit the base version minus the removed ids as the latest version; return it.
+
+    Restore-then-delete is two commits; a concurrent candidate could interleave its own
+    commits (Lance retries a delete on the newest version). The new version's ids are
+    therefore read back and must be exactly the kept ids before anything is tagged.
+    """
+    ds = table.to_lance().checkout_version(base_version)
+    ds.restore()
+    if removed:
+        ds.delete(pc.field("sample_id").isin(pa.array(removed, pa.string())))
+    version = int(ds.version)
+    got = ds.checkout_version(version).to_table(columns=["sample_id"])["sample_id"]
+    if sorted(got.to_pylist()) != sorted(kept):
+        raise ReleaseError(
+            f"version {version} of {table.name} does not hold exactly the kept ids (a concurrent "
+            "candidate of the same dataset?): nothing was tagged; create the candidate again"
+        )
+    return version
+
+
+def _base_ids_holder(ledger: Ledger, dataset: str, table: str, base_version: int) -> str | None:
+    """The tag whose manifest stores the ids of this base, if any (they are stored once)."""
+    with ledger.connect(read_only=True) as con:
+        found = con.execute(
+            "SELECT tag FROM releases WHERE dataset = ? AND lance_table = ? "
+            "AND TRY_CAST(manifest->>'base_version' AS BIGINT) = ? "
+            "AND json_exists(manifest, '$.base_ids') ORDER BY created_at LIMIT 1",
+            [dataset, table, base_version],
+        ).fetchone()
+    return None if found is None else str(found[0])
+
+
+def _recorded_base_version(ledger: Ledger, dataset: str, table: str, base_tag: str) -> int | None:
+    with ledger.connect(read_only=True) as con:
+        found = con.execute(
+            "SELECT DISTINCT TRY_CAST(manifest->>'base_version' AS BIGINT) FROM releases "
+            "WHERE dataset = ? AND lance_table = ? AND manifest->>'base_tag' = ?",
+            [dataset, table, base_tag],
+        ).fetchall()
+    versions = {int(v) for (v,) in found if v is not None}
+    if len(versions) > 1:
+        raise ReleaseIntegrityError(f"the ledger records {base_tag!r} at versions {versions}")
+    return versions.pop() if versions else None
 
 
 def _row(ledger: Ledger, tag: str) -> dict[str, Any]:
@@ -313,6 +411,8 @@ def approve(
         **row["manifest"], "tag": final, "candidate": tag, "approved_by": actor,
         "approval_comment": comment, "override": override,
     }  # fmt: skip
+    if manifest.pop("base_ids", None) is not None:  # stored once per base: point at them
+        manifest["base_ids_in"] = tag
     # The decisions and the release row go in one transaction: all or nothing.
     ledger.record_approval(
         tag, actor=actor, role=role, comment=comment, override=override,
@@ -383,27 +483,57 @@ def list_releases(ledger: Ledger, dataset: str | None = None) -> list[ReleaseInf
 
 
 def show_release(ledger: Ledger, tag: str) -> dict[str, Any]:
-    """A tag's ledger record: ``info``, ``manifest`` and the candidate's ``decisions``."""
+    """A tag's ledger record: ``info``, ``manifest`` and the candidate's ``decisions``.
+
+    The manifest is shown as a document about this tag: ``kept_ids`` and ``removed_ids`` (the
+    kept ids derived by :func:`manifest_ids`), never the base's ids stored for other tags.
+    """
     row = _row(ledger, tag)
     candidate = row["manifest"].get("candidate", tag)
     decisions = ledger.decisions(candidate)
+    manifest = {k: v for k, v in row["manifest"].items() if k not in ("base_ids", "base_ids_in")}
+    if "kept_ids" not in manifest:
+        manifest["kept_ids"] = manifest_ids(ledger, tag)["kept"]
     return {
         "info": ReleaseInfo._from_row(row, _status(row["kind"], decisions)),
-        "manifest": row["manifest"],
+        "manifest": manifest,
         "decisions": decisions,
     }
 
 
 def manifest_ids(ledger: Ledger, tag: str) -> dict[str, list[str]]:
-    """``{"kept": [...], "removed": [...]}``, sorted, read from the manifest with DuckDB SQL."""
-    _row(ledger, tag)
-    with ledger.connect(read_only=True) as con:
-        kept, removed = con.execute(
-            "SELECT from_json(manifest->'kept_ids', '[\"VARCHAR\"]'), "
-            "from_json(manifest->'removed_ids', '[\"VARCHAR\"]') FROM releases WHERE tag = ?",
-            [tag],
-        ).fetchone()
-    return {"kept": sorted(kept or []), "removed": sorted(removed or [])}
+    """``{"kept": [...], "removed": [...]}``, sorted, from the ledger alone.
+
+    Manifests written before bases existed list the kept ids; newer ones hold the removed ids
+    and a digest of the kept ids, which are the base's ids (stored once per base) minus the
+    removed ones.
+
+    Raises:
+        ReleaseNotFound: unknown tag.
+        ReleaseIntegrityError: the derived kept ids do not match the recorded digest (the
+            ledger's manifests were altered).
+    """
+    manifest = _row(ledger, tag)["manifest"]
+    removed = sorted(manifest.get("removed_ids") or [])
+    if "kept_digest" not in manifest:
+        return {"kept": sorted(manifest.get("kept_ids") or []), "removed": removed}
+    if "base_ids" in manifest:
+        base = manifest["base_ids"]
+    else:
+        holder = _row(ledger, manifest["base_ids_in"])["manifest"]
+        if holder.get("base_version") != manifest.get("base_version"):
+            raise ReleaseIntegrityError(
+                f"{tag!r}: {manifest['base_ids_in']!r} stores the ids of another base"
+            )
+        base = holder.get("base_ids") or []
+    gone = set(removed)
+    kept = sorted(i for i in base if i not in gone)
+    if len(kept) + len(removed) != len(base) or kept_digest(kept) != manifest["kept_digest"]:
+        raise ReleaseIntegrityError(
+            f"{tag!r}: the ledger's base and removed ids do not give the recorded kept set "
+            "(the manifest was altered outside diffcurate)"
+        )
+    return {"kept": kept, "removed": removed}
 
 
 def checkout(
