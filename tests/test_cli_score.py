@@ -62,7 +62,10 @@ def test_score_on_a_dask_cluster_from_the_command_line(tmp_path, digit_files):
         rows[name] = dict(zip(*table.to_pydict().values(), strict=True))
     assert len(rows["dask"]) == 12 and rows["dask"] == rows["local"]
     ws = tmp_path / "dask"
-    res = invoke("score", "-d", "digits", "--scorer", "dmin", "-m", tmp_path, "--runner", "dask",
+    model = tmp_path / "model"
+    tiny_unet().float().save_pretrained(model / "unet")
+    scheduler().save_pretrained(model / "scheduler")
+    res = invoke("score", "-d", "digits", "--scorer", "dmin", "-m", model, "--runner", "dask",
                  "-w", ws)  # fmt: skip
     assert res.exit_code == 2 and "runner='dask' shards risk scorers" in res.output
     res = invoke("score", "-d", "digits", "--scorer", "random", "--runner", "ray", "-w", ws)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from diffcurate.config import apply_threads, load_settings
+from diffcurate.config import apply_threads, available_cpus, load_settings, resolve_threads
 
 
 @pytest.fixture
@@ -34,8 +34,17 @@ def test_apply_threads_sets_torch_and_openmp(restore_threads):
     assert os.environ["MKL_NUM_THREADS"] == "1"
 
 
-def test_apply_threads_none_leaves_defaults(restore_threads):
-    torch.set_num_threads(2)
-    apply_threads(None)
-    assert torch.get_num_threads() == 2
-    assert "OMP_NUM_THREADS" not in os.environ
+def test_unset_threads_default_to_the_cpus_this_process_may_use(restore_threads, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    monkeypatch.setattr("diffcurate.config.Path.read_text", lambda self: "max 100000\n")
+    assert available_cpus() == 3
+    monkeypatch.setattr("diffcurate.config.Path.read_text", lambda self: "150000 100000\n")
+    assert available_cpus() == 2  # a 1.5-CPU quota rounds up
+    assert apply_threads(None) == 2
+    assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_unset_threads_keep_an_exported_openmp_count(restore_threads, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_threads(None) == 1 and resolve_threads(3) == 3
+    assert apply_threads(None) == 1 and torch.get_num_threads() == 1

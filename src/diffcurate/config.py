@@ -172,9 +172,10 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
-            "torch/OpenMP threads of each diffcurate process (DIFFCURATE_THREADS). Unset: "
-            "torch's default, one per core. Set 1 when other jobs share the cores: OpenMP "
-            "threads spinning against another process slow every step."
+            "torch/OpenMP threads of each diffcurate process (DIFFCURATE_THREADS, --threads). "
+            "Unset: an exported OMP_NUM_THREADS, else the CPUs this process may use (affinity "
+            "and cgroup quota). Set 1 when other jobs share the cores: OpenMP threads spinning "
+            "against another process slow every step."
         ),
     )
     clip: ClipSettings = Field(default_factory=ClipSettings)
@@ -206,19 +207,50 @@ class Settings(BaseSettings):
         return Workspace(self.workspace, self.tables.uri, self.tables.storage_options)
 
 
-def apply_threads(threads: int | None) -> None:
-    """Pin torch's intra-op and OpenMP threads to ``threads`` (None leaves the defaults).
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota.
 
-    The environment variables reach subprocesses and a torch imported later; a torch already
-    imported is set directly.
+    ``os.cpu_count()`` counts the host's cores; a container or a ``taskset`` sees fewer, and
+    one torch thread per host core then oversubscribes what the process actually gets.
     """
-    if threads is None:
-        return
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The torch/OpenMP thread count to use: ``threads`` when set, else an ``OMP_NUM_THREADS``
+    the caller exported, else :func:`available_cpus`."""
+    if threads is not None:
+        return threads
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return available_cpus()
+
+
+def apply_threads(threads: int | None) -> int:
+    """Pin torch's intra-op and OpenMP threads to :func:`resolve_threads` of ``threads``.
+
+    The environment variables reach subprocesses (Dask workers, a torch imported later); a
+    torch already imported is set directly, which Prefect's task threads share. Returns the
+    count applied.
+    """
+    n = resolve_threads(threads)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
+        os.environ[var] = str(n)
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(n)
+    return n
 
 
 def load_settings(workspace: Path | None = None) -> Settings:

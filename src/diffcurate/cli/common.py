@@ -91,17 +91,41 @@ WorkspaceOpt = Annotated[
 ]
 
 
-def workspace_settings(workspace: Path | None) -> Settings:
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch/OpenMP threads of this command, its flow's tasks and its Dask workers "
+        "[default: $DIFFCURATE_THREADS, an exported OMP_NUM_THREADS, else the CPUs this "
+        "process may use].",
+        show_default=False,
+    ),
+]
+
+
+def workspace_settings(
+    workspace: Path | None, threads: int | None = None, *, existing: bool = False
+) -> Settings:
     """Load settings, create the workspace and set the process environment every command needs.
 
     Environment first, heavy imports later: Prefect reads ``PREFECT_HOME`` when it is imported.
-    Invalid configuration exits 2 with the validation message.
+    Invalid configuration exits 2 with the validation message; so does a workspace that does
+    not exist when the command reads one (``existing``), instead of an empty one being created.
+    ``threads`` (``--threads``) overrides the ``threads`` setting.
     """
     try:
         settings = load_settings(workspace)
     except (ValidationError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] invalid configuration:\n{e}")
         raise typer.Exit(2) from e
+    if threads is not None:
+        settings = settings.model_copy(update={"threads": threads})
+    if existing and not settings.workspace.is_dir():
+        raise fail(
+            f"workspace {settings.workspace} does not exist (give --workspace, or ingest a "
+            "dataset into it first: diffcurate ingest SOURCE --dataset NAME --workspace DIR)"
+        )
     settings.workspace.mkdir(parents=True, exist_ok=True)
     try:
         settings.layout.bind_tables()

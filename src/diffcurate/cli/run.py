@@ -11,12 +11,14 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from diffcurate.cli.checks import check_datasets, check_model
 from diffcurate.cli.common import (
     GeometryOpt,
     LoadDTypeOpt,
     LoraOpt,
     LoraScaleOpt,
     ModelConfigOpt,
+    ThreadsOpt,
     VariantOpt,
     WorkspaceOpt,
     err,
@@ -261,6 +263,7 @@ def run_hygiene(
     model_config: ModelConfigOpt = None,
     geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a hygiene run: score → flag → audit → mitigate → gate → candidate release.
 
@@ -276,7 +279,9 @@ def run_hygiene(
     caption under classifier-free guidance; `--mem-rule auto` then judges reconstructions by
     Carlini et al.'s relative distance, which a VAE's blur does not hide.
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_model(model, config=model_config, lora=lora, variant=variant)
+    check_datasets(settings, dataset, heldout_dataset)
     try:
         from diffcurate.curation.flag import FlagPolicy
         from diffcurate.curation.gate import GatePolicy
@@ -391,6 +396,7 @@ def evaluate(
     model_config: ModelConfigOpt = None,
     geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Compare risk scorers on your dataset, model and secrets: prune, mitigate, measure.
 
@@ -400,7 +406,9 @@ def evaluate(
     ledger as an `eval` run. Cost: one scoring run per scorer plus one mitigation and one
     measurement per scorer x mitigation.
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_model(model, config=model_config, lora=lora, variant=variant)
+    check_datasets(settings, dataset, heldout_dataset)
     try:
         from diffcurate.curation.flag import FlagPolicy
         from diffcurate.flows.evaluate import EvalParams

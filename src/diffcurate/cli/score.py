@@ -10,11 +10,13 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from diffcurate.cli.checks import check_datasets, check_file, check_model
 from diffcurate.cli.common import (
     GeometryOpt,
     LoraOpt,
     LoraScaleOpt,
     ModelConfigOpt,
+    ThreadsOpt,
     VariantOpt,
     WorkspaceOpt,
     fail,
@@ -135,6 +137,7 @@ def score(
     model_config: ModelConfigOpt = None,
     geometry: GeometryOpt = "center-crop",
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Score every sample's memorization risk with one scorer; writes the `scores` table.
 
@@ -152,7 +155,9 @@ def score(
     directory's own `text_encoder/` and `tokenizer/`.
     Re-running after a crash resumes the interrupted run without duplicating rows.
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_model(model, config=model_config, lora=lora, variant=variant)
+    check_datasets(settings, dataset)
     try:
         flags = {
             "draws": draws, "probes": probes, "seed": seed, "generations": generations,
@@ -247,6 +252,7 @@ def attribute(
     lora_scale: LoraScaleOpt = 1.0,
     model_config: ModelConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Print the training samples with the most influence on IMAGE, with their scores.
 
@@ -256,7 +262,10 @@ def attribute(
     of every dataset sample (slower), with a score run's settings or, without one, the
     defaults and `--option`s. High score = more influential.
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_file(image, "query image")
+    check_model(model, config=model_config, lora=lora, variant=variant)
+    check_datasets(settings, dataset)
     from diffcurate.attribution import AttributionError, attribute_image
     from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.models.images import ImageLoadError

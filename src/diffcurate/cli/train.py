@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from diffcurate.cli.checks import check_datasets, check_model
 from diffcurate.cli.common import (
     GeometryOpt,
     LoadDTypeOpt,
     LoraOpt,
     LoraScaleOpt,
     ModelConfigOpt,
+    ThreadsOpt,
     VariantOpt,
     WorkspaceOpt,
     err,
@@ -24,6 +26,7 @@ from diffcurate.cli.common import (
     safe,
     workspace_settings,
 )
+from diffcurate.config import apply_threads
 
 
 def train(
@@ -55,6 +58,7 @@ def train(
     geometry: GeometryOpt = "center-crop",
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a reference diffusion model on an ingested dataset (resumes if re-run).
 
@@ -64,7 +68,8 @@ def train(
     (--vae-steps, saved once to WORKSPACE/models/NAME/base/), then the UNet on the VAE's
     latents with the frozen text encoder's caption states.
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_datasets(settings, dataset)
     from diffcurate.flows.train import TrainParams, train_flow
     from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.models.images import GEOMETRIES, ImageLoadError
@@ -140,12 +145,15 @@ def sample(
     lora: LoraOpt = None,
     lora_scale: LoraScaleOpt = 1.0,
     model_config: ModelConfigOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate images from a local model and save them as a PNG grid.
 
     Text-conditional pipelines generate from `--prompt` under classifier-free guidance
     (`--guidance-scale`, 1 = no guidance), as the diffusers text-to-image pipeline does.
     """
+    apply_threads(threads)
+    check_model(model, config=model_config, lora=lora, variant=variant)
     from diffcurate.models.diffusion import ModelLoadError
     from diffcurate.models.sample import generate, save_grid
 

@@ -51,6 +51,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from diffcurate.models.errors import ModelLoadError, one_line, sdxl_error
+from diffcurate.models.model_files import DIFFUSERS_WEIGHTS as _DIFFUSERS_WEIGHTS
+from diffcurate.models.model_files import TRANSFORMERS_WEIGHTS as _TRANSFORMERS_WEIGHTS
+from diffcurate.models.model_files import weight_variants
 from diffcurate.models.text_encoder import TextEncoder, load_text_encoder, save_text_encoder
 
 __all__ = [
@@ -87,19 +90,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# Weight files (plain, variant, or a sharded index) of diffusers models and transformers models.
-_DIFFUSERS_WEIGHTS = (
-    re.compile(r"^diffusion_pytorch_model\.(?:(?P<variant>[\w-]+)\.)?(?:safetensors|bin)$"),
-    re.compile(
-        r"^diffusion_pytorch_model\.(?:safetensors|bin)\.index(?:\.(?P<variant>[\w-]+))?\.json$"
-    ),
-)
-_TRANSFORMERS_WEIGHTS = (
-    re.compile(r"^(?:model|pytorch_model)\.(?:(?P<variant>\w+)\.)?(?:safetensors|bin)$"),
-    re.compile(
-        r"^(?:model|pytorch_model)\.(?:safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$"
-    ),
-)
 MODEL_INDEX = "model_index.json"
 
 UNet = UNet2DModel | UNet2DConditionModel
@@ -212,12 +202,7 @@ def _weights_variant(
 ) -> str | None:
     """The weights variant to load: ``variant`` if given, else the plain files if present, else
     the only variant there is (hub pipelines sometimes ship only ``*.fp16.safetensors``)."""
-    found: set[str | None] = set()
-    for p in component_dir.iterdir():
-        for pattern in patterns:
-            m = pattern.match(p.name)
-            if m:
-                found.add(m.group("variant"))
+    found = weight_variants(component_dir, patterns)
     if not found:
         stem = "diffusion_pytorch_model" if patterns is _DIFFUSERS_WEIGHTS else "model"
         raise ModelLoadError(

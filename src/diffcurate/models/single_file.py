@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from diffcurate.models.errors import ModelLoadError, one_line, sdxl_error
+from diffcurate.models.model_files import SINGLE_FILE_SUFFIXES
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Present in every SDXL base/refiner checkpoint (their second, OpenCLIP text encoder).
 _SDXL_KEY_PREFIXES = ("conditioner.embedders.1.", "conditioner.embedders.0.model.")
 
