@@ -80,6 +80,7 @@ def build(args: argparse.Namespace, ws: Path) -> tuple[Path, dict]:
     from diffcurate.models.train import TrainConfig, latest_checkpoint, train
     from diffcurate.models.vae_train import VAEConfig
     from diffcurate.storage.lance_store import LanceStore
+    from diffcurate.workspace import Workspace
 
     corpus = ws / "corpus"
     if not (corpus / "planted.json").is_file():
@@ -92,7 +93,7 @@ def build(args: argparse.Namespace, ws: Path) -> tuple[Path, dict]:
             seed=args.seed,
         )
     planted = json.loads((corpus / "planted.json").read_text())
-    store = LanceStore(str(ws / "lancedb"))
+    store = LanceStore.open(Workspace(ws))
     for src, name in (
         (corpus / "shards", "photos"),
         (corpus / "heldout" / "shards", "photos-heldout"),
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from diffcurate.mitigation import MitigationConfig
     from diffcurate.storage.lance_store import LanceStore
+    from diffcurate.workspace import Workspace
 
     ws = Path(args.workspace)
     print("# The text-to-image loop on sd-tiny\n")
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.lr} (final loss {info['final_loss']:.4f}); model {model_dir}\n"
     )
 
-    store = LanceStore(str(ws / "lancedb"))
+    store = LanceStore.open(Workspace(ws))
     rows = {}
     scorer_rows = [s for s in args.scorers.split(",") if s]
     for signal in scorer_rows:

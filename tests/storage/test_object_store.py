@@ -37,6 +37,19 @@ def test_tables_settings_from_environment(monkeypatch, tmp_path):
     assert layout.ledger_path == tmp_path / "ws" / "ledger.duckdb"
 
 
+def test_tables_settings_from_toml(monkeypatch, tmp_path):
+    toml = tmp_path / "dc.toml"
+    toml.write_text(
+        '[tables]\nuri = "s3://bucket/t"\n[tables.storage_options]\nregion = "eu-west-1"\n'
+    )
+    monkeypatch.setenv("DIFFCURATE_CONFIG", str(toml))
+    layout = load_settings(tmp_path / "ws").layout
+    assert (layout.lancedb_uri, layout.lance_storage_options) == (
+        "s3://bucket/t",
+        {"region": "eu-west-1"},
+    )
+
+
 def test_default_tables_stay_in_the_workspace(tmp_path):
     layout = load_settings(tmp_path / "ws").layout
     assert layout.lancedb_uri == str(tmp_path / "ws" / "lancedb")
@@ -219,3 +232,36 @@ def test_ingest_score_hygiene_on_an_s3_workspace(s3_server, tmp_path, digit_file
     assert (ws / "ledger.duckdb").is_file()
     assert {r.kind for r in ledger.runs()} >= {"ingest", "score", "hygiene"}
     assert ledger.run(summary.run_id).status == "completed"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_dask_shard_tasks_write_to_the_bucket(s3_server, tmp_path, digit_files):
+    """Worker processes get the tables' URI and storage options with each shard: without the
+    endpoint they would try AWS itself and fail."""
+    from diffcurate.flows.score import ScoreParams, score_flow
+    from diffcurate.flows.sharded import DaskOptions
+    from diffcurate.influence.registry import ScorerSpec
+    from workspaces import ingest_samples, save_tiny_unet_model
+
+    endpoint, client = s3_server
+    ws = tmp_path / "ws"
+    Workspace(ws, f"s3://{BUCKET}/dask", _options(endpoint)).bind_tables()
+    ingest_samples(tmp_path, digit_files[:24], ws=ws)
+    model_dir = save_tiny_unet_model(tmp_path / "model")
+    spec = ScorerSpec(signal="loss", dtype="float64")
+
+    def scores(**kw) -> dict[str, float]:
+        params = ScoreParams(dataset="digits", model=model_dir, scorer=spec, workspace=ws,
+                             resume=False, progress=False, **kw)  # fmt: skip
+        summary = score_flow(params)
+        rows = LanceStore.open(Workspace(ws)).read("scores", where={"run_id": summary.run_id})
+        return dict(zip(rows.column("sample_id").to_pylist(), rows.column("score").to_pylist(),
+                        strict=True))  # fmt: skip
+
+    local = scores()
+    sharded = scores(runner="dask", shard_size=6, dask=DaskOptions(n_workers=2))
+    assert sharded.keys() == local.keys() and len(local) == 24
+    np.testing.assert_allclose([sharded[k] for k in local], list(local.values()), rtol=1e-9)
+    assert any(k.startswith("dask/scores.lance/data/") for k in _keys(client, "dask/"))
+    assert not (ws / "lancedb").exists()
