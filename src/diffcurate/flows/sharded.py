@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffcurate.config import resolve_threads
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.models.load_options import LoadOptions
 from diffcurate.storage.lance_store import LanceStore
@@ -50,24 +51,42 @@ class DaskOptions(BaseModel):
         "time per process; torch parallelises inside it)."
     )  # fmt: skip
     memory_limit: str = Field("auto", description="Memory limit per worker (temporary cluster).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch/OpenMP threads of each worker of the temporary cluster; "
+        "None: this process's threads setting shared among the workers."
+    )  # fmt: skip
+
+    def worker_threads(self) -> int:
+        """The torch/OpenMP threads each temporary worker gets. Dask's nannies would start
+        every worker with one; the workers of one run share the threads this process was
+        given (``--threads``), so together they use what it may use, no more."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, resolve_threads(None) // self.n_workers)
 
 
-NANNY_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+NANNY_ENVIRON = "distributed.nanny.pre-spawn-environ"
+NANNY_MALLOC_TRIM = f"{NANNY_ENVIRON}.MALLOC_TRIM_THRESHOLD_"
 """Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``; setting it also freezes
 glibc's mmap threshold, so torch maps and unmaps every large tensor: trace scoring then costs
 1.7x the CPU per sample (3x the page faults; measured on this project's 2-core machines).
 Temporary clusters leave it unset; for ``dask worker`` hosts, ``infra/dask.yaml`` does."""
 
 
-def local_cluster(**kwargs: Any) -> Any:
+def local_cluster(torch_threads: int | None = None, **kwargs: Any) -> Any:
     """A ``distributed.LocalCluster`` whose worker processes keep glibc's default malloc
-    tuning (see :data:`NANNY_MALLOC_TRIM`)."""
+    tuning (see :data:`NANNY_MALLOC_TRIM`) and, given ``torch_threads``, start with that many
+    torch/OpenMP threads instead of the nannies' one."""
     import dask
     from distributed import LocalCluster
 
     # An earlier nanny of this process may have exported it; workers inherit our environment.
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({NANNY_MALLOC_TRIM: None}):
+    config: dict[str, Any] = {NANNY_MALLOC_TRIM: None}
+    if torch_threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            config[f"{NANNY_ENVIRON}.{var}"] = torch_threads
+    with dask.config.set(config):
         return LocalCluster(**kwargs)
 
 
@@ -90,6 +109,7 @@ def dask_task_runner(options: DaskOptions) -> Any:
             "processes": True,
             "memory_limit": options.memory_limit,
             "dashboard_address": ":0",
+            "torch_threads": options.worker_threads(),
         },
     )
 
