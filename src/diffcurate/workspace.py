@@ -136,17 +136,18 @@ class Workspace:
     def bind_tables(self) -> None:
         """Record a non-default tables location in the root, once (see the module docstring).
 
-        Idempotent; updates the recorded storage options when they changed.
+        Idempotent. Storage options given with or without the URI replace the recorded ones,
+        so that processes handed only the root use them too.
 
         Raises:
             TablesLocationError: The workspace already uses another location, or holds local
                 tables that the new location would hide.
         """
         local = self.root / self.LANCEDB
-        if self.tables_uri is None or self.tables_uri == str(local.absolute()):
+        recorded = self._recorded()
+        if recorded is None and self.tables_uri in (None, str(local.absolute())):
             return
         uri = self.lancedb_uri  # checks a recorded location against ours
-        recorded = self._recorded()
         options = self.lance_storage_options
         if recorded is not None and recorded.get("storage_options", {}) == options:
             return

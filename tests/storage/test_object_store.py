@@ -81,6 +81,10 @@ def test_bound_location_is_what_a_bare_workspace_opens(tmp_path):
     # Binding again is idempotent; new options are recorded; another location is refused.
     Workspace(ws, "s3://bucket/a", {"region": "us-east-1"}).bind_tables()
     assert Workspace(ws).lance_storage_options == {"region": "us-east-1"}
+    Workspace(ws, None, {"region": "eu-north-1"}).bind_tables()  # options alone
+    assert Workspace(ws).lance_storage_options == {"region": "eu-north-1"}
+    with pytest.raises(TablesLocationError):  # the default location is another one too
+        Workspace(ws, str(ws / "lancedb")).bind_tables()
     with pytest.raises(TablesLocationError, match="s3://bucket/a"):
         Workspace(ws, "s3://bucket/b").bind_tables()
     with pytest.raises(TablesLocationError):
