@@ -30,6 +30,26 @@ def ingest(
     batch_size: Annotated[
         int | None, typer.Option(help="Rows per shard (unit of commit and resume).")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes that decode and hash images (1: this one).")
+    ] = 1,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="local: decode here (see --workers); dask: decode and hash as task runs on a "
+            "Dask cluster (this process still writes every row)."
+        ),
+    ] = "local",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--runner dask: scheduler of an existing cluster (tcp://host:8786) "
+            "[default: a temporary local cluster]."
+        ),
+    ] = None,
+    dask_workers: Annotated[
+        int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
+    ] = 2,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Ingest a corpus: decode, validate, hash, dedup, embed (if CLIP weights are configured).
@@ -55,6 +75,7 @@ def ingest(
     if batch_size is not None:
         ingest_cfg = ingest_cfg.model_copy(update={"batch_size": batch_size})
     from diffcurate.flows.ingest import IngestParams, ingest_flow
+    from diffcurate.flows.sharded import DaskOptions
 
     try:
         params = IngestParams(
@@ -67,6 +88,9 @@ def ingest(
             key_column=key_column,
             clip=settings.clip,
             ingest=ingest_cfg,
+            workers=workers,
+            runner=runner,
+            dask=DaskOptions(address=dask_address, n_workers=dask_workers),
         )
     except ValidationError as e:
         raise fail(str(e)) from e
@@ -104,6 +128,9 @@ def _print_ingest_summary(summary) -> None:
         f"{d.get('near_groups', 0)} groups, {d.get('near_rows', 0)} samples",
     )
     t.add_row("embeddings", summary.embeddings)
+    t.add_row("decoded by", f"{summary.workers} {summary.runner} worker(s)")
+    if summary.lost_shards:
+        t.add_row("shards lost with a worker", f"{summary.lost_shards} (decoded again)")
     t.add_row("samples in dataset", str(summary.dataset_samples))
     t.add_row("time", f"{summary.seconds:.1f} s")
     out.print(t)
