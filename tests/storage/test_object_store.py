@@ -189,6 +189,32 @@ def test_store_round_trip_on_s3(s3_server, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
+def test_cli_ingest_into_s3_then_commands_without_the_setting(s3_server, tmp_path, digit_files):
+    from diffcurate.demo.writers import SampleFile, write_folder
+
+    endpoint, client = s3_server
+    write_folder([*digit_files[:4], SampleFile("bad", b"", "png", "empty")], tmp_path / "src")
+    ws, uri = tmp_path / "ws", f"s3://{BUCKET}/cli"
+    env = {"DIFFCURATE_TABLES__URI": uri} | {
+        f"DIFFCURATE_TABLES__STORAGE_OPTIONS__{k.upper()}": v for k, v in _options(endpoint).items()
+    }
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", str(tmp_path / "src"), "-d", "digits", "-w", str(ws)],
+                        env=env)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    # Later commands name only the workspace: the recorded location and options are used.
+    res = runner.invoke(app, ["datasets", "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "digits" in line)
+    assert [c.strip() for c in row.split("│")][1:4] == ["digits", "4", "1"], row
+    assert f"tables: {uri}" in res.output
+    assert any(k.startswith("cli/samples.lance/") for k in _keys(client, "cli/"))
+    assert any(k.startswith("cli/quarantine.lance/") for k in _keys(client, "cli/"))
+    assert not (ws / "lancedb").exists() and (ws / "ledger.duckdb").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_ingest_score_hygiene_on_an_s3_workspace(s3_server, tmp_path, digit_files):
     from diffcurate.curation.gate import GatePolicy
     from diffcurate.curation.measure import MeasureConfig
