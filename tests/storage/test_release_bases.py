@@ -82,6 +82,22 @@ def test_candidates_of_one_samples_version_share_one_base_copy(env, digit_files)
     rel.verify(store, ledger, out.tag)
 
 
+def test_ingesting_another_dataset_does_not_copy_this_one_again(env, digit_files):
+    store, ledger = env
+    c1 = rel.create_candidate(store, ledger, "digits", *split(store, 3))
+    base = ledger.release(c1.tag)["manifest"]["base_tag"]
+    store.insert_new("samples", sample_rows(digit_files[20:30], "other"))
+    c2 = rel.create_candidate(store, ledger, "digits", *split(store, 5))
+    m2 = ledger.release(c2.tag)["manifest"]
+    assert m2["samples_version"] > ledger.release(c1.tag)["manifest"]["samples_version"]
+    assert (m2["base_tag"], m2["base_ids_in"]) == (base, c1.tag)
+    assert set(tags(store)) == {base, c1.tag, c2.tag}
+    assert (
+        sorted(rel.checkout(store, ledger, c2.tag)["sample_id"].to_pylist()) == split(store, 5)[0]
+    )
+    rel.verify(store, ledger, c2.tag)
+
+
 def candidate_bytes(tmp_path, n_rows: int, n_removed: int) -> tuple[int, int]:
     """(bytes the second candidate of a corpus writes, bytes of the corpus's base copy)."""
     store = LanceStore(str(tmp_path / f"n{n_rows}"))

@@ -1,7 +1,7 @@
 """Releases: tagged LanceDB table versions of the samples a hygiene run kept.
 
 Each dataset has its own Lance table ``release_<dataset>`` (``samples`` schema). The dataset's
-rows are copied into it once per ``samples`` version: the *base* version, tagged
+rows are copied into it once per change of its ``samples`` rows: the *base* version, tagged
 ``<dataset>-base-<samples version>``. A candidate restores the base version and deletes the
 removed ids (Lance deletion files: no kept row is rewritten, so a candidate writes bytes in
 proportion to the rows it removes), and tags the resulting version ``<dataset>-candidate-<n>``.
@@ -209,7 +209,7 @@ def create_candidate(
     if tag in _lance_tags(table):  # next_n saw every tag; only a concurrent writer gets here
         raise ReleaseError(f"tag {tag!r} already exists on {table.name}")
     base_ids = sorted(all_ids)
-    base_tag, base_version = _base(table, ledger, samples, dataset, len(base_ids))
+    base_tag, base_version = _base(table, ledger, samples, dataset, all_ids)
     version = _delete_removed(table, base_version, kept, removed)
     table.to_lance().tags.create(tag, version)
 
@@ -246,29 +246,37 @@ def base_tag_name(dataset: str, samples_version: int) -> str:
     return f"{dataset}-base-{samples_version}"
 
 
-def _base(table, ledger: Ledger, samples, dataset: str, n_rows: int) -> tuple[str, int]:
+def _base(table, ledger: Ledger, samples, dataset: str, ids: set[str]) -> tuple[str, int]:
     """The tag and version of the release table holding every row of ``dataset`` as of the
-    pinned ``samples`` version, copying the rows only when no such version is tagged yet.
+    pinned ``samples`` version, copying the rows only when no tagged base holds them yet.
 
-    The copy is the one full write per ``samples`` version; every candidate of that version
-    reuses it. A base tag moved outside diffcurate is refused: candidates would be cut from
-    rows that are not the dataset's.
+    ``samples`` rows are only ever inserted (keyed, never updated or deleted), so a base whose
+    ids are the dataset's current ids holds its current rows: ingesting another dataset does
+    not cost this one a copy. The newest base is the only one considered. A base tag moved
+    outside diffcurate is refused: candidates would be cut from rows that are not the dataset's.
     """
     samples_version = int(samples.version)
     tag = base_tag_name(dataset, samples_version)
     ds = table.to_lance()
-    if (version := _lance_tags(table).get(tag)) is not None:
-        recorded = _recorded_base_version(ledger, dataset, table.name, tag)
+    bases = {
+        int(m[1]): (t, v)
+        for t, v in _lance_tags(table).items()
+        if (m := re.fullmatch(re.escape(dataset) + r"-base-([0-9]+)", t))
+        and int(m[1]) <= samples_version
+    }
+    if bases:
+        newest, version = bases[max(bases)]
+        recorded = _recorded_base_version(ledger, dataset, table.name, newest)
         if recorded is not None and recorded != version:
             raise ReleaseIntegrityError(
-                f"base tag {tag!r} points at version {version} of {table.name}; the ledger "
+                f"base tag {newest!r} points at version {version} of {table.name}; the ledger "
                 f"recorded {recorded}: the tag was moved outside diffcurate"
             )
-        if ds.checkout_version(version).count_rows() != n_rows:
-            raise ReleaseIntegrityError(
-                f"base {tag!r} does not hold the {n_rows} rows of {dataset!r}"
-            )
-        return tag, version
+        held = ds.checkout_version(version).to_table(columns=["sample_id"])["sample_id"]
+        if len(held) == len(ids) and set(held.to_pylist()) == ids:
+            return newest, version
+        if newest == tag:
+            raise ReleaseIntegrityError(f"base {tag!r} does not hold the rows of {dataset!r}")
     where = f"dataset = '{dataset}'"  # validated name: no quotes
 
     def rows() -> Iterator[pa.RecordBatch]:  # memory bounded by the batch size
@@ -280,8 +288,8 @@ def _base(table, ledger: Ledger, samples, dataset: str, n_rows: int) -> tuple[st
     # fixed-size vectors).
     ds.insert(pa.RecordBatchReader.from_batches(SAMPLES, rows()), mode="overwrite")
     version = int(ds.version)
-    if (written := ds.count_rows()) != n_rows:
-        raise ReleaseIntegrityError(f"copied {written} rows of {dataset!r}, expected {n_rows}")
+    if (written := ds.count_rows()) != len(ids):
+        raise ReleaseIntegrityError(f"copied {written} rows of {dataset!r}, expected {len(ids)}")
     ds.tags.create(tag, version)
     return tag, version
 
