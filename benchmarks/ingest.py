@@ -16,9 +16,15 @@ as WebDataset tar shards, then measures on that one corpus, side by side:
 Absolute seconds depend on the machine; only the ratios, measured in one run on one corpus,
 are meant to be compared. Nothing here asserts a timing.
 
+With ``--sizes`` (and ``--workers``) it measures scaling instead: per image size, the ingest
+flow at each worker count against the decode+hash bound, i.e. ``decode_image``'s single-process
+throughput measured in the same run times the worker count. Sizes above 64 px are JPEG crops
+of the bundled photographs only (realistic training images); 64 px keeps the mixed corpus.
+
 Usage::
 
     .venv/bin/python benchmarks/ingest.py                 # defaults: 5,000 images, 64x64
+    .venv/bin/python benchmarks/ingest.py --sizes 64,256 --workers 1,2 --n-images 2000
     .venv/bin/python benchmarks/ingest.py --n-images 20000 --repeats 3
     .venv/bin/python benchmarks/ingest.py --clip-model ViT-B-32 --clip-checkpoint vit_b_32.pt
 """
@@ -26,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -133,6 +140,7 @@ def configure_prefect(home: Path) -> None:
         raise RuntimeError("prefect was imported before its environment was configured")
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     # An API URL or profile inherited from the shell would send runs to a real server.
     os.environ.pop("PREFECT_API_URL", None)
@@ -198,7 +206,7 @@ def _load_photos() -> tuple[dict[str, Image.Image], list[str]]:
     return photos, skipped
 
 
-def build_corpus(n_images: int, size: int, seed: int) -> Corpus:
+def build_corpus(n_images: int, size: int, seed: int, with_digits: bool = True) -> Corpus:
     """Build ``n_images`` distinct real images (distinct bytes), shuffled with ``seed``.
 
     Up to half the corpus is scikit-learn digits upsampled to ``size`` x ``size`` (grayscale
@@ -209,6 +217,7 @@ def build_corpus(n_images: int, size: int, seed: int) -> Corpus:
         n_images: Number of samples.
         size: Side of every image, in pixels.
         seed: Seed for crops, shuffling and order.
+        with_digits: Include the digits (False: photo crops only).
 
     Returns:
         The corpus, in memory.
@@ -233,7 +242,7 @@ def build_corpus(n_images: int, size: int, seed: int) -> Corpus:
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     n_digits = 0
     for index in rng.permutation(len(pixels)):
-        if n_digits >= n_images // 2:
+        if n_digits >= n_images // 2 or not with_digits:
             break
         img = Image.fromarray(pixels[index]).resize((size, size), Image.Resampling.BICUBIC)
         word = DIGIT_WORDS[int(digits.target[index])]
@@ -353,7 +362,13 @@ def time_decode_image(images: Sequence[bytes]) -> tuple[float, int]:
 
 
 def run_flow(
-    source: Path, workspace: Path, clip: ClipSettings, batch_size: int, *, fresh: bool = True
+    source: Path,
+    workspace: Path,
+    clip: ClipSettings,
+    batch_size: int,
+    *,
+    fresh: bool = True,
+    workers: int = 1,
 ) -> tuple[float, IngestSummary]:
     """Run ``ingest_flow`` into a workspace; returns (wall seconds, summary).
 
@@ -363,6 +378,7 @@ def run_flow(
         clip: Embedding settings (checkpoint unset: no embeddings).
         batch_size: ``IngestSettings.batch_size``: records per shard/commit.
         fresh: Require a new workspace (False: re-ingest into an existing one).
+        workers: Decoding processes (``IngestParams.workers``).
 
     Raises:
         FileExistsError: If ``fresh`` and ``workspace`` exists.
@@ -379,6 +395,7 @@ def run_flow(
         clip=clip,
         ingest=IngestSettings(batch_size=batch_size),
         progress=False,
+        workers=workers,
     )
     start = time.perf_counter()
     summary = ingest_flow(params)
@@ -458,6 +475,10 @@ def markdown_table(rows: Sequence[Measurement], baseline: Measurement) -> str:
     return "\n".join(lines)
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
@@ -481,6 +502,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--n-images", type=int, default=5000, help="corpus size")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=None,
+        help="scaling mode: comma-separated image sides, e.g. 64,256 (replaces --size)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_int_list,
+        default=[1, 2],
+        help="scaling mode: comma-separated decoding process counts",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the corpus and tiny CLIP")
     parser.add_argument(
         "--batch-size", type=int, default=256, help="ingest shard size (IngestSettings.batch_size)"
@@ -531,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp) if args.keep is None else args.keep.resolve()
         root.mkdir(parents=True, exist_ok=True)
         configure_prefect(Path(tmp) / "prefect-home")
+        if args.sizes is not None:
+            return _run_scaling(args, root, started)
         return _run(args, root, started)
 
 
@@ -710,6 +745,127 @@ def print_report(
     for row in problems:
         print(f"- PROBLEM in '{row.configuration}': {row.note}")
     return len(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling mode (--sizes, --workers)
+
+
+@dataclass
+class ScalingRow:
+    """One flow configuration at one image size: wall and inside-the-flow seconds per run."""
+
+    size: int
+    workers: int
+    walls: list[float] = field(default_factory=list)
+    insides: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _scaling_line(
+    label: str,
+    seconds: float,
+    workers: int,
+    single: float | None = None,
+    *,
+    size: int,
+    n: int,
+    bound: float,
+    raw_rate: float,
+) -> str:
+    rate = n / seconds
+    up = f"{rate / single:.2f}" if single is not None and single == single else ""
+    return (
+        f"| {size} | {label} | {n:,} | {seconds:.2f} | {rate:,.0f} "
+        f"| {rate / (bound * workers):.3f} | {up} | {rate / raw_rate:.3f} |"
+    )
+
+
+def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
+    from diffcurate.config import ClipSettings
+
+    print("# diffcurate ingest benchmark: worker scaling\n")
+    print(f"command: `{shlex.join(sys.orig_argv)}`\n")
+    print("machine:")
+    for line in machine_description():
+        print(line)
+    print("", flush=True)
+    t0 = time.perf_counter()
+    warm = build_corpus(WARMUP_IMAGES, 64, args.seed + 1)
+    warm_shards = write_shards(warm, root / "warmup" / "shards")
+    run_flow(warm_shards, root / "warmup" / "ws", ClipSettings(), args.batch_size)
+    print(f"warm-up (Prefect's ephemeral server): {time.perf_counter() - t0:.1f} s, not charged\n")
+
+    lines = [
+        "| size | configuration | images | seconds | images/s | ratio to decode+hash bound "
+        "| speed-up vs 1 process | ratio to raw decode |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    problems = 0
+    for size in args.sizes:
+        corpus = build_corpus(args.n_images, size, args.seed, with_digits=size <= 64)
+        shards = write_shards(corpus, root / f"corpus-{size}" / "shards")
+        images = [s.image for s in corpus.samples]
+        mib = sum(len(b) for b in images) / 2**20
+        print(
+            f"corpus {size}px: {len(images):,} images ({corpus.n_digits:,} digit PNGs, "
+            f"{corpus.n_crops:,} photo-crop JPEGs; {mib:.1f} MiB encoded)",
+            flush=True,
+        )
+        raw: list[float] = []
+        decode: list[float] = []
+        rows = [ScalingRow(size, w) for w in args.workers]
+        for rep in range(args.repeats):  # round robin, as in the default mode
+            raw.append(time_raw_decode(images))
+            decode.append(time_decode_image(images)[0])
+            for row in rows:
+                ws = root / "workspaces" / f"{size}-w{row.workers}-run{rep}"
+                wall, summary = run_flow(
+                    shards, ws, ClipSettings(), args.batch_size, workers=row.workers
+                )
+                row.walls.append(wall)
+                row.insides.append(summary.seconds)
+                if note := check_summary(summary, len(images), embeddings=False):
+                    row.notes.append(note)
+        n = len(images)
+        raw_rate = n / statistics.median(raw)
+        bound = n / statistics.median(decode)
+        single = n / statistics.median(rows[0].walls) if rows[0].workers == 1 else float("nan")
+
+        line = functools.partial(_scaling_line, size=size, n=n, bound=bound, raw_rate=raw_rate)
+        lines.append(line("raw decode (PIL open + load + RGB), 1 process", n / raw_rate, 1))
+        lines.append(
+            line("`decode_image` (decode + SHA-256 + pHash), 1 process: the bound", n / bound, 1)
+        )
+        for row in rows:
+            lines.append(line(f"ingest flow, {row.workers} process(es), wall clock",
+                              statistics.median(row.walls), row.workers, single))  # fmt: skip
+            lines.append(line(f"ingest flow, {row.workers} process(es), inside the flow",
+                              statistics.median(row.insides), row.workers))  # fmt: skip
+            for note in row.notes:
+                problems += 1
+                lines.append(f"| {size} | PROBLEM ({row.workers} process(es)): {note} |||||||")
+    print(f"\n## Results (median of {args.repeats} run(s) per row)\n")
+    print("\n".join(lines))
+    print("\nNotes:")
+    print(
+        "- decode+hash bound for w processes = w x the single-process `decode_image` rate "
+        "measured in this run on this corpus; ratio to it = images/s / (w x that rate), so 1.0 "
+        "is perfect per-process efficiency. 'speed-up' = flow images/s / the 1-process flow's."
+    )
+    print(
+        "- 1 process: the flow decodes in its own process; w > 1: a forkserver pool of w "
+        "processes decodes while the flow's process reads, validates and writes (pool start-up "
+        "is charged to the row). No embeddings; every run ingests into a fresh workspace; "
+        f"batch size {args.batch_size}."
+    )
+    load = os.getloadavg()
+    print(
+        f"- load average at the end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+        f"{load[2]:.2f} on {os.cpu_count()} CPUs (other processes share them)."
+    )
+    print(f"\ntotal benchmark time: {time.perf_counter() - started:.1f} s")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class InProcessDecoder:
 
 
 class ProcessPoolDecoder:
-    """A pool of ``workers`` processes (forkserver: no copy of the flow's threads or locks).
+    """A pool of ``workers`` processes (forkserver: no copy of the flow's threads or locks; the
+    server imports the decoder once, so each worker starts without re-importing it).
 
     Use as a context manager; the pool starts on entry and is shut down on exit.
     """
@@ -53,6 +54,7 @@ class ProcessPoolDecoder:
 
     def __enter__(self) -> ProcessPoolDecoder:
         context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([decode_many.__module__])
         self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
         return self
 
