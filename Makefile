@@ -17,7 +17,7 @@ T2I_BATCH ?= 32
 T2I_MODEL := workspace/models/photos-sd-tiny/checkpoints/step-$(shell printf '%08d' $(T2I_STEPS))
 T2I_SCORER ?= trace
 
-.PHONY: setup test test-slow test-all demo demo-t2i bench-table1 bench-mitigation bench-lds bench-t2i lint format clean
+.PHONY: setup test test-slow test-all demo demo-t2i bench-table1 bench-mitigation bench-lds bench-t2i bench-memory lint format clean
 
 setup: $(STAMP)
 
@@ -91,6 +91,10 @@ bench-lds: setup
 
 bench-t2i: setup
 	$(PY) benchmarks/t2i.py $(BENCH_ARGS)
+
+# Peak RSS of a hygiene run at 2k and 20k samples, streamed vs in-memory (issue 16).
+bench-memory: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
