@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 
@@ -41,6 +40,10 @@ class ClipEmbedder:
     """
 
     def __init__(self, settings: ClipSettings) -> None:
+        # Imported here: open_clip (with timm, transformers, torchvision) takes seconds to
+        # import, and every module that can embed would make every command pay it.
+        import open_clip
+
         if settings.checkpoint is None:
             raise EmbeddingsDisabledError(
                 "no CLIP checkpoint configured (clip.checkpoint / DIFFCURATE_CLIP__CHECKPOINT)"

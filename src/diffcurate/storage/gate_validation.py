@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import logging
 
-import great_expectations as gx
 import pandas as pd
-from great_expectations.data_context.types.base import ProgressBarsConfig
-
-for _name in ("great_expectations", "great_expectations.data_context.types.base"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
 
 GATE_COLUMNS = ("name", "passed", "policy_version", "value_before", "value_after", "threshold")
 
@@ -34,6 +29,13 @@ def validate_gate_table(rows: pd.DataFrame) -> list[str]:
         return ["gate table is empty"]
     frame = rows[list(GATE_COLUMNS)].copy()
     frame["passed"] = frame["passed"].map(lambda v: v if isinstance(v, bool) else None)
+    # Imported here: great-expectations takes seconds to import, and every hygiene run's
+    # start-up would pay it long before its gates are validated.
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     asset = context.data_sources.add_pandas("gates").add_dataframe_asset("gate_checks")
