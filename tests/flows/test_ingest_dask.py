@@ -112,8 +112,7 @@ def test_killed_dask_worker_mid_shard_still_stores_each_record_once(photos, tmp_
             )
         assert killed, "the run ended before a worker could be killed mid-shard"
         assert killed["keys"] and 0 < killed["rows"] < N_IMAGES  # type: ignore[operator]
-        client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker
-        assert killed["pid"] not in client.run(os.getpid).values()
+        assert killed["pid"] not in client.run(os.getpid).values()  # it really died
     got = contents(ws)
     assert got == reference
     assert set(got) == {sample_id_for("d", f.key) for f in files}
