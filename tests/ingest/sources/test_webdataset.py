@@ -74,3 +74,19 @@ def test_missing_image_bad_json_and_non_utf8_caption(tmp_path, digit_files):
     assert recs["a"].reason == Reason.IMAGE_MISSING
     assert recs["b"].reason == Reason.METADATA_INVALID
     assert recs["c"].reason == Reason.CAPTION_NOT_UTF8 and recs["c"].metadata == {"k": 1}
+
+
+def test_unsafe_member_names_fast_path_agrees_with_the_path_check():
+    from pathlib import PurePosixPath
+
+    from diffcurate.ingest.sources.webdataset import _unsafe
+
+    def by_path(name: str) -> bool:
+        p = PurePosixPath(name.replace("\\", "/"))
+        return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
+
+    names = ["", "a", "a.jpg", "dir/a.jpg", "../a", "a/../b", "/abs", "\\abs", "C:x", "c:\\x",
+             "a..b.jpg", "..", "a\\..\\b", "x/..", ".hidden", "a:b"]  # fmt: skip
+    assert [_unsafe(n) for n in names] == [by_path(n) for n in names]
+    unsafe = ["../a", "a/../b", "/abs", "\\abs", "C:x", "c:\\x", "..", "a\\..\\b", "x/..", "a:b"]
+    assert [n for n in names if _unsafe(n)] == unsafe

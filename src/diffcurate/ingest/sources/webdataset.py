@@ -25,6 +25,8 @@ _JSON_KEY = "key"
 
 
 def _unsafe(name: str) -> bool:
+    if ".." not in name and name[:1] not in ("/", "\\") and name[1:2] != ":":
+        return False  # the common case, without building a path (this runs once per member)
     p = PurePosixPath(name.replace("\\", "/"))
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
