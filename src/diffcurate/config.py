@@ -5,7 +5,8 @@ environment variables ``DIFFCURATE_*`` (nested with ``__``, e.g. ``DIFFCURATE_CL
 a TOML file (``./diffcurate.toml``, or the path in ``DIFFCURATE_CONFIG``), then defaults.
 
 Everything a run writes lives under one workspace directory so that a workspace can be copied,
-archived or deleted as a unit; :class:`~diffcurate.workspace.Workspace` names its paths.
+archived or deleted as a unit, except the LanceDB tables when ``tables.uri`` puts them in an
+object store; :class:`~diffcurate.workspace.Workspace` names its paths and the tables location.
 """
 
 from __future__ import annotations

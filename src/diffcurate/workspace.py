@@ -1,7 +1,8 @@
 """The workspace layout: every path a run reads or writes, defined once.
 
 Everything diffcurate writes lives under one workspace directory, so a workspace can be
-copied, archived or deleted as a unit. Flows, tasks, the CLI and the dashboard ask a
+copied, archived or deleted as a unit (the LanceDB tables too, unless ``tables.uri`` puts them
+elsewhere). Flows, tasks, the CLI and the dashboard ask a
 :class:`Workspace` for a path instead of joining names themselves, so the layout changes in
 one place.
 
@@ -20,10 +21,11 @@ one place.
 
 The LanceDB tables may live elsewhere (``tables.uri``: an ``s3://``, ``gs://``, ``az://`` URI or
 another directory) while the ledger, locks, models and caches stay in the local root: DuckDB
-needs a local file, and Lance commits atomically on object stores. The workspace records that
-location in ``tables.json`` when it is first bound, so every process handed only the root (a
-flow, a Dask worker, the dashboard) opens the same tables, and a run started without the
-setting cannot silently write a second, local set beside them.
+needs a local file, while Lance commits each table version with a put-if-not-exists that object
+stores provide. The workspace records that location in ``tables.json`` when it is first bound,
+so every process handed only the root (a flow, the dashboard, a later command) opens the same
+tables, and a run started without the setting cannot silently write a second, local set beside
+them.
 """
 
 from __future__ import annotations
