@@ -6,6 +6,7 @@ import pytest
 from diffcurate.curation.gate import GatePolicy
 from diffcurate.curation.measure import MeasureConfig, measure_model, to_unit
 from diffcurate.demo.corpus import digit_samples
+from diffcurate.flows import hygiene
 from diffcurate.flows.hygiene import HygieneParams, hygiene_flow
 from diffcurate.influence.registry import ScorerSpec
 from diffcurate.metrics.mem_calibration import calibrate_threshold
@@ -13,6 +14,7 @@ from diffcurate.metrics.memorization import MemorizationPolicy
 from diffcurate.mitigation import MitigationConfig
 from diffcurate.models.diffusion import load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import images_for_unet
+from diffcurate.models.lance_data import LanceTrainingData
 from diffcurate.models.reference import reference_model
 from diffcurate.models.sample import generate
 from diffcurate.storage.lance_store import LanceStore
@@ -38,7 +40,33 @@ def hygiene_run(tmp_path_factory, digit_files):
         measure=MEASURE, gate=GatePolicy(max_mem_percent_after=100.0),
         audit_attributes=["stroke", "slant"], progress=False,
     )  # fmt: skip
-    return ws, model_dir, params, hygiene_flow(params), samples_version
+    STREAMED.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hygiene, "training_rows", _recording(hygiene.training_rows))
+        summary = hygiene_flow(params)
+    return ws, model_dir, params, summary, samples_version
+
+
+STREAMED: list[LanceTrainingData] = []
+
+
+def _recording(make):  # type: ignore[no-untyped-def]
+    def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rows = make(*args, **kwargs)
+        STREAMED.append(rows)
+        return rows
+
+    return wrapped
+
+
+def test_the_fine_tune_streams_its_batches_from_lancedb(hygiene_run):
+    """The kept samples are read per batch (steps x batch rows at most), never all at once."""
+    _, _, params, summary, _ = hygiene_run
+    (kept,) = STREAMED
+    assert isinstance(kept, LanceTrainingData) and len(kept) == summary.n_kept
+    steps = params.mitigation.steps_for(summary.n_kept)
+    assert steps == -(-summary.n_kept // 16)
+    assert 0 < kept.rows_decoded <= steps * params.mitigation.batch_size
 
 
 def test_removal_set_is_whole_duplicate_groups(hygiene_run):
