@@ -180,3 +180,15 @@ def test_streamed_mitigation_equals_in_memory(store, method):
     _assert_same_weights(streamed, memory)
     assert max(store.image_reads) <= BATCH
     assert result.steps == 4
+
+
+def test_an_empty_split_is_refused_by_the_mitigation_not_by_the_reader(store):
+    model = _pixel_model()
+    kept = LanceTrainingData(store, "photos", model, ["s00", "s01"])
+    empty = LanceTrainingData(store, "photos", model, [])
+    assert len(empty) == 0 and empty.geometry.n_images == 0
+    with pytest.raises(ValueError, match="nothing left to train on"):
+        mitigate(model, empty, MitigationConfig(steps=1))
+    with pytest.raises(ValueError, match="gradient-ascent needs the removed samples"):
+        mitigate(model, kept, MitigationConfig(method="gradient-ascent", steps=1),
+                 removed_images=empty)  # fmt: skip

@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from diffcurate.influence.objective import on_device
@@ -62,7 +63,8 @@ class LanceTrainingData:
         rows_decoded: Rows read from storage by :meth:`batch` so far (a memory witness).
 
     Raises:
-        ImageLoadError: No samples, or a requested id is absent or duplicated.
+        ImageLoadError: A requested id is absent or duplicated (an empty ``sample_ids`` gives
+            empty data, which training and mitigation refuse by name).
         ValueError: A text-conditional model without its text encoder.
     """
 
@@ -82,7 +84,10 @@ class LanceTrainingData:
         self.store, self.dataset, self.model = store, dataset, model
         self.inputs = ModelInputs.of(model, geometry)
         columns = ["caption", "width", "height", "sha256"]
-        meta = read_sample_rows(store, dataset, sample_ids, columns)
+        if len(sample_ids):
+            meta = read_sample_rows(store, dataset, sample_ids, columns)
+        else:  # an empty split is the caller's to refuse, with its own message
+            meta = pa.table({c: pa.array([], pa.string()) for c in ["sample_id", *columns]})
         self.sample_ids: list[str] = meta.column("sample_id").to_pylist()
         self.captions = [c or "" for c in meta.column("caption").to_pylist()]
         self._hashes: list[str] = meta.column("sha256").to_pylist()
