@@ -42,7 +42,7 @@ def test_audit_attributes_labels_stores_and_is_idempotent(tmp_path, digit_files,
     assert res.exit_code == 2 and "CLIP checkpoint" in res.output
     monkeypatch.delenv("DIFFCURATE_ATTRIBUTES__ZERO_SHOT")
     res = runner.invoke(app, ["audit-attributes", "-d", "nope", "-w", str(ws)])
-    assert res.exit_code == 2 and "has no samples" in res.output
+    assert res.exit_code == 2 and "unknown dataset 'nope'" in res.output
     config.write_text("[attributes]\nfaces = true\n")
     res = runner.invoke(app, ["audit-attributes", "-d", "digits", "--no-faces", "-w", str(ws)])
     assert res.exit_code == 2 and "nothing to infer" in res.output

@@ -14,7 +14,16 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from diffcurate.cli.common import WorkspaceOpt, err, fail, out, safe, workspace_settings
+from diffcurate.cli.checks import check_datasets
+from diffcurate.cli.common import (
+    ThreadsOpt,
+    WorkspaceOpt,
+    err,
+    fail,
+    out,
+    safe,
+    workspace_settings,
+)
 
 
 def audit_attributes(
@@ -23,6 +32,7 @@ def audit_attributes(
         bool, typer.Option("--no-faces", help="Skip the face count (attributes.faces).")
     ] = False,
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Infer group attributes of every sample: CLIP zero-shot, caption keywords, face count.
 
@@ -32,7 +42,8 @@ def audit_attributes(
     weights writes nothing. Exit 2 when refused (unknown dataset, zero-shot prompts without a
     CLIP checkpoint, invalid settings).
     """
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads, existing=True)
+    check_datasets(settings, dataset)
     attrs = settings.attributes
     if no_faces:
         attrs = attrs.model_copy(update={"faces": False})
@@ -41,16 +52,10 @@ def audit_attributes(
                    "or leave attributes.faces on")  # fmt: skip
     from diffcurate.curation.inferred import infer_dataset
     from diffcurate.models.clip_embedder import EmbeddingsDisabledError
-    from diffcurate.storage.lance_store import LanceStore, validate_dataset_name
+    from diffcurate.storage.lance_store import LanceStore
     from diffcurate.storage.ledger import Ledger
 
-    try:
-        validate_dataset_name(dataset)
-    except ValueError as e:
-        raise fail(str(e)) from e
     store = LanceStore.open(settings.layout)
-    if store.count("samples", dataset) == 0:
-        raise fail(f"dataset {dataset!r} has no samples (ingest it first)")
     ledger = Ledger(settings.layout.ledger_path)
     try:
         with ledger.recording("attributes", dataset=dataset,
