@@ -4,7 +4,8 @@ Commands are registered below in the order ``--help`` lists them. Heavy imports 
 prefect, lancedb) happen inside commands, after the workspace is known, so ``--help`` is
 instant and ``PREFECT_HOME`` points into the workspace before Prefect loads.
 
-Modules: :mod:`.common` (consoles, settings, errors, shared options), :mod:`.ingest`,
+Modules: :mod:`.common` (consoles, settings, errors, shared options), :mod:`.checks` (the
+refusals made before any heavy import: workspace, model files, datasets), :mod:`.ingest`,
 :mod:`.score` (score, attribute), :mod:`.train` (train, sample), :mod:`.run` (run, eval),
 :mod:`.attributes` (audit-attributes), :mod:`.demo`, :mod:`.info` (runs, scores, quarantine,
 datasets, config), :mod:`.release`,
