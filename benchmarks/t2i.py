@@ -135,11 +135,10 @@ def build(args: argparse.Namespace, ws: Path) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     result = train(
         data.model,
-        data.x0,
+        data.rows,
         config,
         checkpoint_dir=model_dir / "checkpoints",
         progress=False,
-        conditioning=data.conditioning,
         unconditional=data.unconditional,
     )
     ck = latest_checkpoint(model_dir / "checkpoints")

@@ -88,8 +88,8 @@ def train_flow(params: TrainParams) -> TrainSummary:
             vae=params.vae, geometry=params.geometry, progress=params.progress,
         )  # fmt: skip
         result = train_model(
-            data.model, data.x0, config, checkpoint_dir=model_dir / "checkpoints",
-            conditioning=data.conditioning, unconditional=data.unconditional,
+            data.model, data.rows, config, checkpoint_dir=model_dir / "checkpoints",
+            unconditional=data.unconditional,
         )  # fmt: skip
         tail = result.losses[-100:]
         summary = TrainSummary(

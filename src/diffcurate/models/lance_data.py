@@ -49,7 +49,8 @@ class LanceTrainingData:
         store: The workspace's LanceDB tables (samples, and the latent cache).
         dataset: Dataset name in ``samples``.
         model: The model the rows are for (pixel size, VAE, text encoder).
-        sample_ids: The rows, in this order (positions index into it).
+        sample_ids: The rows, in this order (positions index into it); None: the whole
+            dataset in table order.
         geometry: How images are fitted to the model's pixel size.
         encode_batch_size: Images per VAE pass when filling the latent cache.
         device: Where the VAE encodes.
@@ -73,7 +74,7 @@ class LanceTrainingData:
         store: InputStore,
         dataset: str,
         model: DiffusionModel,
-        sample_ids: Sequence[str],
+        sample_ids: Sequence[str] | None,
         *,
         geometry: Geometry = "center-crop",
         encode_batch_size: int = 32,
@@ -84,7 +85,7 @@ class LanceTrainingData:
         self.store, self.dataset, self.model = store, dataset, model
         self.inputs = ModelInputs.of(model, geometry)
         columns = ["caption", "width", "height", "sha256"]
-        if len(sample_ids):
+        if sample_ids is None or len(sample_ids):
             meta = read_sample_rows(store, dataset, sample_ids, columns)
         else:  # an empty split is the caller's to refuse, with its own message
             meta = pa.table({c: pa.array([], pa.string()) for c in ["sample_id", *columns]})
@@ -149,10 +150,9 @@ class LanceTrainingData:
         img = decode_sample(data, sid)
         return prepare_image(img, inputs.pixel_channels, inputs.pixel_size, inputs.geometry)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        positions = [int(i) for i in idx]
-        unique = list(dict.fromkeys(positions))
-        ids = [self.sample_ids[p] for p in unique]
+    def _x0(self, positions: Sequence[int]) -> torch.Tensor:
+        """float32 rows of distinct ``positions``, read and decoded (or looked up) now."""
+        ids = [self.sample_ids[p] for p in positions]
         if self.inputs.latent:
             assert self._key is not None
             got = self.store.latents.get(self.dataset, ids, self._key)
@@ -165,14 +165,40 @@ class LanceTrainingData:
                              for sid, data in iter_image_bytes(self.store, self.dataset, ids,
                                                                len(ids))])  # fmt: skip
         self.rows_decoded += len(ids)
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def _conditioning(self, positions: Sequence[int]) -> torch.Tensor:
+        assert self.model.text_encoder is not None
+        return self.model.text_encoder.encode([self.captions[p] for p in positions])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        positions = [int(i) for i in idx]
+        unique = list(dict.fromkeys(positions))
         where = {p: i for i, p in enumerate(unique)}
         order = torch.tensor([where[p] for p in positions], dtype=torch.long)
-        x0 = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))[order]
-        cond = None
+        cond = self._conditioning(unique)[order] if self.conditional else None
+        return self._x0(unique)[order], cond
+
+    def tensor_fingerprint(self, *extra: torch.Tensor | None) -> str:
+        """What :meth:`TensorData.fingerprint
+        <diffcurate.models.training_data.TensorData.fingerprint>` gives for these rows as
+        tensors (``x0``, caption states, ``extra``), computed ``READ_ROWS`` rows at a time: how
+        a checkpoint written by a run on in-memory tensors is recognised (one pass over the
+        data, only when resuming one)."""
+        digest = hashlib.sha256()
+        n, chunks = len(self), [range(s, min(len(self), s + READ_ROWS))
+                                for s in range(0, len(self), READ_ROWS)]  # fmt: skip
+        digest.update(str(((n, *self.sample_shape), torch.float32)).encode())
+        for chunk in chunks:
+            digest.update(self._x0(list(chunk)).numpy().tobytes())
         if self.conditional:
-            assert self.model.text_encoder is not None
-            cond = self.model.text_encoder.encode([self.captions[p] for p in unique])[order]
-        return x0, cond
+            for i, chunk in enumerate(chunks):
+                cond = self._conditioning(list(chunk)).contiguous()
+                if i == 0:
+                    digest.update(str(((n, *cond.shape[1:]), cond.dtype)).encode())
+                digest.update(cond.numpy().tobytes())
+        update_with_tensors(digest, extra)
+        return digest.hexdigest()
 
     def fingerprint(self, *extra: torch.Tensor | None) -> str:
         digest = hashlib.sha256()

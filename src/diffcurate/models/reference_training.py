@@ -19,7 +19,8 @@ import torch
 
 from diffcurate.models.diffusion import DiffusionModel, load_diffusion_model, save_diffusion_model
 from diffcurate.models.images import Geometry, GeometryReport, load_training_images
-from diffcurate.models.inputs import InputStore, ModelInputs, load_inputs
+from diffcurate.models.inputs import InputStore, ModelInputs
+from diffcurate.models.lance_data import LanceTrainingData
 from diffcurate.models.reference import SchedulerConfig, reference_model
 from diffcurate.models.vae_train import VAEConfig, VAEResult, train_vae
 
@@ -33,17 +34,16 @@ class TrainingData:
 
     Attributes:
         model: The model (for latent archs with the trained, frozen VAE).
-        x0: ``[N, *model.sample_shape]``: pixels, or VAE latents.
-        conditioning: Caption states ``[N, seq, dim]`` (text-conditional archs) or None.
+        rows: Its training rows (pixels or VAE latents, and caption states for
+            text-conditional archs), read from LanceDB one batch at a time.
         unconditional: The empty caption's states ``[1, seq, dim]`` or None.
-        sample_ids: Row order of ``x0``.
+        sample_ids: Row order of ``rows``.
         geometry: How many images were cropped, upscaled or padded.
         vae: The VAE stage's record when it ran in this call (None: pixel arch or reused).
     """
 
     model: DiffusionModel
-    x0: torch.Tensor
-    conditioning: torch.Tensor | None
+    rows: LanceTrainingData
     unconditional: torch.Tensor | None
     sample_ids: list[str]
     geometry: GeometryReport
@@ -101,14 +101,13 @@ def prepare_reference_training(
             model.vae.eval().requires_grad_(False)
             model_dir.mkdir(parents=True, exist_ok=True)
             _save_atomically(model, base)
-    prepared = load_inputs(store, dataset, model, geometry=geometry)
-    cond = uncond = None
+    rows = LanceTrainingData(store, dataset, model, None, geometry=geometry)
+    uncond = None
     if model.conditional:
         if model.text_encoder is None:
             raise ValueError(f"reference architecture {arch!r} has no text encoder")
-        cond = model.text_encoder.encode(list(prepared.captions))
         uncond = model.text_encoder.encode([""])
     return TrainingData(
-        model=model, x0=prepared.x0, conditioning=cond, unconditional=uncond,
-        sample_ids=list(prepared.sample_ids), geometry=prepared.geometry, vae=vae_result,
+        model=model, rows=rows, unconditional=uncond, sample_ids=list(rows.sample_ids),
+        geometry=rows.geometry, vae=vae_result,
     )  # fmt: skip

@@ -202,9 +202,17 @@ def _save_checkpoint(
     return final
 
 
-def _check_resumable(
-    saved: dict[str, Any], config: TrainConfig, fingerprint: str, ck: Path
-) -> None:
+def _same_data(saved: str, fingerprint: str, data: TrainingData, *extra: Any) -> bool:
+    """Whether a checkpoint's data fingerprint names ``data``: its own fingerprint or, for a
+    checkpoint written by a run on in-memory tensors, the tensors' hash recomputed from the
+    streamed rows (one pass, only on a mismatch)."""
+    if saved == fingerprint:
+        return True
+    as_tensors = getattr(data, "tensor_fingerprint", None)
+    return as_tensors is not None and saved == as_tensors(*extra)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, same_data: bool, ck: Path) -> None:
     defaults = TrainConfig(steps=1).model_dump()  # fields older checkpoints did not record
     changed = [
         f"{name}: {saved['config'].get(name, defaults[name])!r} -> {getattr(config, name)!r}"
@@ -213,7 +221,7 @@ def _check_resumable(
     ]
     if changed:
         raise ValueError(f"cannot resume from {ck}: config changed ({'; '.join(changed)})")
-    if saved["fingerprint"] != fingerprint:
+    if not same_data:
         raise ValueError(f"cannot resume from {ck}: it was trained on different images")
 
 
@@ -306,7 +314,8 @@ def train(
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if root is not None and (ck := latest_checkpoint(root)) is not None:
         saved = torch.load(ck / TRAINING_STATE, map_location="cpu", weights_only=True)
-        _check_resumable(saved, config, fingerprint, ck)
+        same = _same_data(saved["fingerprint"], fingerprint, data, dropout_uncond)
+        _check_resumable(saved, config, same, ck)
         unet.load_state_dict(load_diffusion_model(ck, device=device).unet.state_dict())
         optimizer.load_state_dict(saved["optimizer"])
         _set_rng_state(saved["rng"], device)
