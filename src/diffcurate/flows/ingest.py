@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
@@ -100,15 +100,15 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def _decoder(params: IngestParams, stack: contextlib.ExitStack, log) -> Decoder:
+def _decoder(params: IngestParams, stack: contextlib.ExitStack, log: Any) -> Decoder:
     """The decoder the parameters ask for, its resources owned by ``stack``."""
     max_pixels = params.ingest.max_pixels
     if params.runner == "dask":
         from diffcurate.flows.ingest_dask import DaskDecoder
 
         runner = stack.enter_context(dask_task_runner(params.dask))
-        in_flight = 2 * len(runner.client.scheduler_info()["workers"]) or 4
-        return DaskDecoder(runner, max_pixels, in_flight=max(in_flight, 2), log=log)
+        in_flight = max(2 * len(runner.client.scheduler_info()["workers"]), 4)
+        return DaskDecoder(runner, max_pixels, in_flight=in_flight, log=log)
     if params.workers > 1:
         return stack.enter_context(ProcessPoolDecoder(params.workers, max_pixels))
     return InProcessDecoder()
