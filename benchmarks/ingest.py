@@ -369,6 +369,7 @@ def run_flow(
     *,
     fresh: bool = True,
     workers: int = 1,
+    dask_address: str | None = None,
 ) -> tuple[float, IngestSummary]:
     """Run ``ingest_flow`` into a workspace; returns (wall seconds, summary).
 
@@ -379,12 +380,14 @@ def run_flow(
         batch_size: ``IngestSettings.batch_size``: records per shard/commit.
         fresh: Require a new workspace (False: re-ingest into an existing one).
         workers: Decoding processes (``IngestParams.workers``).
+        dask_address: Decode on this Dask scheduler instead (``runner="dask"``).
 
     Raises:
         FileExistsError: If ``fresh`` and ``workspace`` exists.
     """
     from diffcurate.config import IngestSettings
     from diffcurate.flows.ingest import IngestParams, ingest_flow
+    from diffcurate.flows.sharded import DaskOptions
 
     if fresh and workspace.exists():
         raise FileExistsError(f"benchmark workspace is not fresh: {workspace}")
@@ -396,6 +399,8 @@ def run_flow(
         ingest=IngestSettings(batch_size=batch_size),
         progress=False,
         workers=workers,
+        runner="local" if dask_address is None else "dask",
+        dask=DaskOptions(address=dask_address),
     )
     start = time.perf_counter()
     summary = ingest_flow(params)
@@ -513,6 +518,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_int_list,
         default=[1, 2],
         help="scaling mode: comma-separated decoding process counts",
+    )
+    parser.add_argument(
+        "--dask-workers",
+        type=int,
+        default=0,
+        help="scaling mode: also run the flow with --runner dask on a local cluster of this "
+        "many worker processes (started once, not charged; 0: no Dask rows)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the corpus and tiny CLIP")
     parser.add_argument(
@@ -757,6 +769,7 @@ class ScalingRow:
 
     size: int
     workers: int
+    dask: bool = False
     walls: list[float] = field(default_factory=list)
     insides: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -782,6 +795,28 @@ def _scaling_line(
 
 
 def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        address = None
+        if args.dask_workers:
+            from distributed import Client
+
+            from diffcurate.flows.sharded import local_cluster
+
+            cluster = stack.enter_context(
+                local_cluster(n_workers=args.dask_workers, threads_per_worker=1,
+                              processes=True, dashboard_address=":0")
+            )  # fmt: skip
+            client = stack.enter_context(Client(cluster, set_as_default=False))
+            client.wait_for_workers(args.dask_workers, timeout=300)
+            address = cluster.scheduler_address
+        return _run_scaling_on(args, root, started, address)
+
+
+def _run_scaling_on(
+    args: argparse.Namespace, root: Path, started: float, dask_address: str | None
+) -> int:
     from diffcurate.config import ClipSettings
 
     print("# diffcurate ingest benchmark: worker scaling\n")
@@ -794,6 +829,9 @@ def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
     warm = build_corpus(WARMUP_IMAGES, 64, args.seed + 1)
     warm_shards = write_shards(warm, root / "warmup" / "shards")
     run_flow(warm_shards, root / "warmup" / "ws", ClipSettings(), args.batch_size)
+    if dask_address is not None:  # shards of 2: every worker's first tasks run here
+        run_flow(warm_shards, root / "warmup" / "ws-dask", ClipSettings(), 2,
+                 dask_address=dask_address)  # fmt: skip
     print(f"warm-up (Prefect's ephemeral server): {time.perf_counter() - t0:.1f} s, not charged\n")
 
     lines = [
@@ -815,14 +853,18 @@ def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
         raw: list[float] = []
         decode: list[float] = []
         rows = [ScalingRow(size, w) for w in args.workers]
+        if dask_address is not None:
+            rows.append(ScalingRow(size, args.dask_workers, dask=True))
         for rep in range(args.repeats):  # round robin, as in the default mode
             raw.append(time_raw_decode(images))
             decode.append(time_decode_image(images)[0])
             for row in rows:
-                ws = root / "workspaces" / f"{size}-w{row.workers}-run{rep}"
+                kind = "dask" if row.dask else "w"
+                ws = root / "workspaces" / f"{size}-{kind}{row.workers}-run{rep}"
                 wall, summary = run_flow(
-                    shards, ws, ClipSettings(), args.batch_size, workers=row.workers
-                )
+                    shards, ws, ClipSettings(), args.batch_size, workers=row.workers,
+                    dask_address=dask_address if row.dask else None,
+                )  # fmt: skip
                 row.walls.append(wall)
                 row.insides.append(summary.seconds)
                 if note := check_summary(summary, len(images), embeddings=False):
@@ -838,9 +880,10 @@ def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
             line("`decode_image` (decode + SHA-256 + pHash), 1 process: the bound", n / bound, 1)
         )
         for row in rows:
-            lines.append(line(f"ingest flow, {row.workers} process(es), wall clock",
+            who = f"Dask, {row.workers} workers" if row.dask else f"{row.workers} process(es)"
+            lines.append(line(f"ingest flow, {who}, wall clock",
                               statistics.median(row.walls), row.workers, single))  # fmt: skip
-            lines.append(line(f"ingest flow, {row.workers} process(es), inside the flow",
+            lines.append(line(f"ingest flow, {who}, inside the flow",
                               statistics.median(row.insides), row.workers))  # fmt: skip
             for note in row.notes:
                 problems += 1
@@ -856,7 +899,8 @@ def _run_scaling(args: argparse.Namespace, root: Path, started: float) -> int:
     print(
         "- 1 process: the flow decodes in its own process; w > 1: a forkserver pool of w "
         "processes decodes while the flow's process reads, validates and writes (pool start-up "
-        "is charged to the row). No embeddings; every run ingests into a fresh workspace; "
+        "is charged to the row); Dask rows decode on a local cluster started once before the "
+        "warm-up (not charged). No embeddings; every run ingests into a fresh workspace; "
         f"batch size {args.batch_size}."
     )
     load = os.getloadavg()
