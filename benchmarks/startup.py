@@ -162,8 +162,8 @@ def main() -> None:
     for c in commands:
         row = {"command": c, "help": median_of(r, cli(c, "--help"), env, 0)}
         for bad in ("model", "dataset"):
-            if c in ("sample", "attribute") and bad == "dataset":
-                continue
+            if (c, bad) in (("sample", "dataset"), ("attribute", "dataset"), ("train", "model")):
+                continue  # no such argument
             args = cli(*refusal_args(c, ws, model, query, bad))
             row[f"refuse_{bad}"] = median_of(r, args, env, 2)
             if old_env is not None:
@@ -210,14 +210,19 @@ def main() -> None:
         sep += "---|---|"
     print(head + "\n" + sep)
     for row in rows:
-        cells = [row["command"], f"{row['help'] / base:.1f}x",
-                 f"{row['refuse_model'] / base:.1f}x ({row['refuse_model']:.2f} s)"]  # fmt: skip
+        cells = [row["command"], f"{row['help'] / base:.1f}x"]
+        cells.append(
+            f"{row['refuse_model'] / base:.1f}x ({row['refuse_model']:.2f} s)"
+            if "refuse_model" in row else "-"
+        )  # fmt: skip
         cells.append(
             f"{row['refuse_dataset'] / base:.1f}x ({row['refuse_dataset']:.2f} s)"
             if "refuse_dataset" in row else "-"
         )  # fmt: skip
         if old_env is not None:
-            cells.append(f"{row['old_model'] / row['refuse_model']:.1f}x")
+            cells.append(
+                f"{row['old_model'] / row['refuse_model']:.1f}x" if "old_model" in row else "-"
+            )
             cells.append(
                 f"{row['old_dataset'] / row['refuse_dataset']:.1f}x" if "old_dataset" in row
                 else "-"
