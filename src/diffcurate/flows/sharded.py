@@ -65,8 +65,7 @@ class DaskOptions(BaseModel):
         return max(1, resolve_threads(None) // self.n_workers)
 
 
-NANNY_ENVIRON = "distributed.nanny.pre-spawn-environ"
-NANNY_MALLOC_TRIM = f"{NANNY_ENVIRON}.MALLOC_TRIM_THRESHOLD_"
+NANNY_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 """Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``; setting it also freezes
 glibc's mmap threshold, so torch maps and unmaps every large tensor: trace scoring then costs
 1.7x the CPU per sample (3x the page faults; measured on this project's 2-core machines).
@@ -82,11 +81,12 @@ def local_cluster(torch_threads: int | None = None, **kwargs: Any) -> Any:
 
     # An earlier nanny of this process may have exported it; workers inherit our environment.
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    config: dict[str, Any] = {NANNY_MALLOC_TRIM: None}
     if torch_threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            config[f"{NANNY_ENVIRON}.{var}"] = torch_threads
-    with dask.config.set(config):
+        # The nannies' ``env`` wins over their pre-spawn defaults and over this process's own
+        # OMP_NUM_THREADS, which they would otherwise copy.
+        threads = {var: str(torch_threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        kwargs["env"] = {**kwargs.get("env", {}), **threads}
+    with dask.config.set({NANNY_MALLOC_TRIM: None}):
         return LocalCluster(**kwargs)
 
 
