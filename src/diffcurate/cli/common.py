@@ -91,6 +91,16 @@ WorkspaceOpt = Annotated[
 ]
 
 
+DaskAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="--runner dask: scheduler of an existing cluster (tcp://host:8786) "
+        "[default: a temporary local cluster]."
+    ),
+]
+DaskWorkersOpt = Annotated[
+    int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

@@ -9,7 +9,17 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from diffcurate.cli.common import WorkspaceOpt, err, fail, out, safe, workspace_settings
+from diffcurate.cli.common import (
+    DaskAddressOpt,
+    DaskWorkersOpt,
+    ThreadsOpt,
+    WorkspaceOpt,
+    err,
+    fail,
+    out,
+    safe,
+    workspace_settings,
+)
 
 
 def ingest(
@@ -40,17 +50,10 @@ def ingest(
             "Dask cluster (this process still writes every row)."
         ),
     ] = "local",
-    dask_address: Annotated[
-        str | None,
-        typer.Option(
-            help="--runner dask: scheduler of an existing cluster (tcp://host:8786) "
-            "[default: a temporary local cluster]."
-        ),
-    ] = None,
-    dask_workers: Annotated[
-        int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
-    ] = 2,
+    dask_address: DaskAddressOpt = None,
+    dask_workers: DaskWorkersOpt = 2,
     workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Ingest a corpus: decode, validate, hash, dedup, embed (if CLIP weights are configured).
 
@@ -60,7 +63,7 @@ def ingest(
     """
     from diffcurate.ingest.sources import SourceError, SourceFormat, detect_format
 
-    settings = workspace_settings(workspace)
+    settings = workspace_settings(workspace, threads)
     try:
         fmt = SourceFormat(format)
     except ValueError:

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from diffcurate.cli.checks import check_datasets, check_file, check_model
 from diffcurate.cli.common import (
+    DaskAddressOpt,
+    DaskWorkersOpt,
     GeometryOpt,
     LoraOpt,
     LoraScaleOpt,
@@ -119,16 +121,8 @@ def score(
             "a Dask cluster, each worker writing its rows (risk scorers only)."
         ),
     ] = "local",
-    dask_address: Annotated[
-        str | None,
-        typer.Option(
-            help="--runner dask: scheduler of an existing cluster (tcp://host:8786) "
-            "[default: a temporary local cluster]."
-        ),
-    ] = None,
-    dask_workers: Annotated[
-        int, typer.Option(help="--runner dask: worker processes of the temporary cluster.")
-    ] = 2,
+    dask_address: DaskAddressOpt = None,
+    dask_workers: DaskWorkersOpt = 2,
     top: Annotated[int, typer.Option(help="Riskiest samples to print.")] = 10,
     option: OptionOpt = None,
     variant: VariantOpt = None,

@@ -68,7 +68,8 @@ def _check_directory(root: Path, variant: str | None) -> None:
         raise ModelLoadError(f"no {variant!r} weights in {unet_dir}")
 
 
-def _check_single_file(path: Path, config: Path | None) -> None:
+def check_single_file(path: Path, config: Path | None) -> None:
+    """Refuse a file that is not a single-file checkpoint, or one given without its configs."""
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
             f"{path} is a file but not a checkpoint: expected a diffusers directory or a "
@@ -104,7 +105,7 @@ def check_model_files(
     """
     root = Path(path).expanduser()
     if root.is_file():
-        _check_single_file(root, None if config is None else Path(config).expanduser())
+        check_single_file(root, None if config is None else Path(config).expanduser())
     elif root.is_dir():
         if config is not None:
             raise ModelLoadError(

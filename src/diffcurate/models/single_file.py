@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from diffcurate.models.errors import ModelLoadError, one_line, sdxl_error
-from diffcurate.models.model_files import SINGLE_FILE_SUFFIXES
+from diffcurate.models.model_files import check_single_file
 
 # Present in every SDXL base/refiner checkpoint (their second, OpenCLIP text encoder).
 _SDXL_KEY_PREFIXES = ("conditioner.embedders.1.", "conditioner.embedders.0.model.")
@@ -63,17 +63,7 @@ def load_single_file(path: Path, config: Path | None, dtype: torch.dtype | None)
         ModelLoadError: No ``config`` was given, the suffix is not a checkpoint's, the file is an
             SDXL checkpoint, or the file does not load with these configs.
     """
-    if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ModelLoadError(
-            f"{path} is a file but not a checkpoint: expected a diffusers directory or a "
-            f"{' / '.join(SINGLE_FILE_SUFFIXES)} file"
-        )
-    if config is None:
-        raise ModelLoadError(
-            f"{path} is a single-file checkpoint: it needs --model-config DIR (a local diffusers "
-            "directory with the component configs and tokenizer), because configs cannot be "
-            "downloaded"
-        )
+    check_single_file(path, config)
     if path.suffix == ".safetensors":
         sdxl = [k for k in _safetensors_keys(path) if k.startswith(_SDXL_KEY_PREFIXES)]
         if sdxl:
