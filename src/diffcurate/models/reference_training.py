@@ -29,7 +29,7 @@ BASE_DIR = "base"
 
 
 @dataclass
-class TrainingData:
+class ReferenceTraining:
     """A reference model and what its UNet trains on.
 
     Attributes:
@@ -70,7 +70,7 @@ def prepare_reference_training(
     vae: VAEConfig | None = None,
     geometry: Geometry = "center-crop",
     progress: bool = False,
-) -> TrainingData:
+) -> ReferenceTraining:
     """Build ``arch``, train its VAE if it has one (once per ``model_dir``), load its inputs.
 
     Args:
@@ -107,7 +107,7 @@ def prepare_reference_training(
         if model.text_encoder is None:
             raise ValueError(f"reference architecture {arch!r} has no text encoder")
         uncond = model.text_encoder.encode([""])
-    return TrainingData(
+    return ReferenceTraining(
         model=model, rows=rows, unconditional=uncond, sample_ids=list(rows.sample_ids),
         geometry=rows.geometry, vae=vae_result,
     )  # fmt: skip
