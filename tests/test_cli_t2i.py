@@ -44,6 +44,7 @@ def t2i(tmp_path_factory):
     return ws, save_tiny_sd_pipeline(root / "pipe"), made
 
 
+@pytest.mark.slow  # end to end through the CLI; CI runs it in make test-slow
 def test_latent_pipeline_through_ingest_score_run_approve_eval(t2i):
     ws, pipe, made = t2i
     res = invoke("score", "-d", "photos", "-m", pipe, "--scorer", "loss", "-w", ws, "--top", 3)
@@ -137,6 +138,7 @@ def test_bad_checkpoints_fail_in_one_line_before_any_flow(t2i, tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow  # end to end through the CLI; CI runs it in make test-slow
 def test_run_with_the_retrigger_probe_records_its_gate_check(t2i):
     ws, pipe, made = t2i
     res = invoke("run", "-d", "photos", "-m", pipe, "--scorer", "loss", "--fraction", 0.05,
